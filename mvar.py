@@ -51,7 +51,8 @@ def _check_scan_inputs(x, dt, A, B, C, D, initial_state):
     if l < 1:
         raise ValueError("the sequence is empty (length 0): pass at least one token")
     if dt.shape != (b, l, h):
-        raise ValueError(f"dt must have shape (batch, length, heads) = {(b, l, h)}, got {tuple(dt.shape)}")
+        raise ValueError(f"dt must have shape (batch, length, heads) = {(b, l, h)}, "
+                         f"got {tuple(dt.shape)}")
     if A.shape != (h,):
         raise ValueError(f"A must have shape (heads,) = {(h,)}, got {tuple(A.shape)}")
     if B.dim() != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
@@ -69,7 +70,7 @@ def _check_scan_inputs(x, dt, A, B, C, D, initial_state):
 
 
 def _state_dtype(dtype):
-    """The state accumulates over the whole sequence, so keep it in at least float32 (bf16 -> fp32)."""
+    """The state accumulates over the whole sequence: keep it in at least float32 (bf16 -> fp32)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -91,7 +92,7 @@ def ssd_scan_sequential(x, dt, A, B, C, D=None, initial_state=None):
              else initial_state.to(sdtype))
     ys = []
     for t in range(l):
-        # state_t = exp(dt_t A) state_{t-1} + dt_t x_t B_t^T   (the outer product is (P, N) per head)
+        # state_t = exp(dt_t A) state_{t-1} + dt_t x_t B_t^T   (outer product: (P, N) per head)
         state = (decay[:, t, :, None, None] * state
                  + (dts[:, t, :, None] * xs[:, t])[..., None] * B[:, t, :, None, :])
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))   # y_t = state_t C_t
@@ -113,43 +114,51 @@ def _segsum(a):
     """
     T = a.shape[-1]
     ones = torch.ones(T, T, dtype=torch.bool, device=a.device)
-    z = a[..., :, None].expand(*a.shape, T).masked_fill(~ones.tril(-1), 0)  # z[k, j] = a[k] if k > j
-    out = z.cumsum(dim=-2)                                                  # sum of a[k], j < k <= i
+    z = a[..., :, None].expand(*a.shape, T).masked_fill(~ones.tril(-1), 0)  # a[k] if k > j else 0
+    out = z.cumsum(dim=-2)                                                  # sum a[k], j < k <= i
     return out.masked_fill(~ones.tril(0), float("-inf"))
 
 
 def _shift(t, step, dim):
-    """t shifted by `step` places towards the end along dim, zeros coming in: out[k] = t[k - step].
-    (F.pad with a negative pad crops the other end; unlike slicing + cat, its gradient is one op.)"""
+    """t moved `step` places towards the end along dim, zeros coming in: out[k] = t[k - step].
+    (F.pad with a negative pad crops the other end; unlike slicing + cat, its gradient is one op)
+    """
     dim = dim % t.dim()
     return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (step, -step))
 
 
-def _log_depth_linear_scan(s, log_decay):
-    """Inclusive scan of h_k = exp(log_decay_k) * h_{k-1} + s_k over k, in ceil(log2 K) steps.
+def _parallel_linear_scan(s, log_decay):
+    """Inclusive scan of h_k = exp(log_decay_k) * h_{k-1} + s_k (h_{-1} = 0) in O(log K) steps.
 
     s (..., K, P, N), log_decay (..., K)  ->  h (..., K, P, N) with
     h_k = sum_{j <= k} exp(log_decay_{j+1} + ... + log_decay_k) * s_j.
 
-    This is the parallel-scan idea in its simplest form (Hillis & Steele, 1986). The pair
-    (log_decay_k, s_k) stands for the affine map  h -> exp(log_decay_k) * h + s_k,  and composing
-    two such maps, first (l1, s1) then (l2, s2), gives another one: (l1 + l2, exp(l2) * s1 + s2).
-    Composition is associative, so the maps can be combined like a prefix sum: in round r each
-    element k composes its map with the one held by element k - 2^r. Before round r element k
-    holds the maps k-2^r+1 .. k composed; after it, the maps k-2^(r+1)+1 .. k. After
-    ceil(log2 K) rounds every element holds the composition of all maps 0..k applied to a zero
-    state, which is h_k. Each round is one vectorised update of all K elements at once.
-    (Blelloch's up-sweep/down-sweep needs O(K) work instead of O(K log K); here K is only the
-    number of chunks, L / Q, so the shorter code is the better lesson.)
+    This is the parallel-scan idea (work-efficient, as in Blelloch 1990, written recursively).
+    Each element is an affine map  h -> exp(l) * h + s,  and two consecutive maps compose into
+    one map of the same kind: first (l1, s1) then (l2, s2) is (l1 + l2, exp(l2) * s1 + s2).
+    Because composing is associative, we may group the steps as we like:
+      1. pair up neighbours (0,1), (2,3), ... and compose each pair: K/2 maps, all at once;
+      2. scan those K/2 maps, recursively: that gives h at every odd position 1, 3, 5, ...;
+      3. fill in the even positions from the odd ones: h_2i = exp(l_2i) h_(2i-1) + s_2i.
+    The recursion is log2(K) levels deep and each level does vectorised work on half as many
+    elements as the one above, so the total work stays O(K), as for the loop, but the number of
+    sequential steps is O(log K): on a GPU each level is one kernel over all its elements. Here
+    it only has to pass L / Q chunk states on; the matmuls of `ssd_scan_parallel` do the
+    per-token work.
     """
     K = s.shape[-3]
-    step = 1
-    while step < K:
-        # element k composes with element k - step (zeros come in for k < step: nothing changes)
-        s = s + torch.exp(log_decay)[..., None, None].to(s.dtype) * _shift(s, step, dim=-3)
-        log_decay = log_decay + _shift(log_decay, step, dim=-1)
-        step *= 2
-    return s
+    if K == 1:
+        return s
+    if K % 2 == 1:  # odd: append an identity step (no decay, no input) and drop its output
+        h = _parallel_linear_scan(F.pad(s, (0, 0, 0, 0, 0, 1)), F.pad(log_decay, (0, 1)))
+        return h[..., :K, :, :]
+    even, odd = s.unflatten(-3, (K // 2, 2)).unbind(-3)          # s_0, s_2, ...  and  s_1, s_3, ...
+    l_even, l_odd = log_decay.unflatten(-1, (K // 2, 2)).unbind(-1)
+    pairs = odd + torch.exp(l_odd)[..., None, None] * even       # 1. maps 2i, 2i+1 composed
+    h_odd = _parallel_linear_scan(pairs, l_even + l_odd)         # 2. h_1, h_3, h_5, ...
+    h_prev = _shift(h_odd, 1, dim=-3)                            #    h_-1 (= 0), h_1, h_3, ...
+    h_even = even + torch.exp(l_even)[..., None, None] * h_prev  # 3. h_0, h_2, h_4, ...
+    return torch.stack([h_even, h_odd], dim=-3).flatten(-4, -3)  # interleave: h_0, h_1, h_2, ...
 
 
 def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
@@ -191,11 +200,11 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     pad = -l % Q
     K = (l + pad) // Q
     xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    a = (dts.to(sdtype) * A.to(sdtype)).view(b, K, Q, g, r).permute(0, 3, 4, 1, 2)  # (B, G, R, K, Q)
-    xdt = (xs * dts[..., None].to(cdtype)).view(b, K, Q, g, r, p).permute(0, 3, 4, 1, 2, 5)
+    a = (dts.to(sdtype) * A.to(sdtype)).view(b, K, Q, g, r).permute(0, 3, 4, 1, 2)  # B,G,R,K,Q
+    xdt = (xs * dts[..., None].to(cdtype)).view(b, K, Q, g, r, p)      # dt_j x_j: step j's input
+    xdt = xdt.permute(0, 3, 4, 1, 2, 5).contiguous()                   # (B, G, R, K, Q, P)
     Bs = Bs.to(cdtype).view(b, K, Q, g, n).permute(0, 3, 1, 2, 4)     # (B, G, K, Q, N)
     Cs = Cs.to(cdtype).view(b, K, Q, g, n).permute(0, 3, 1, 2, 4)     # (B, G, K, Q, N)
-    xdt = xdt.contiguous()                                              # (B, G, R, K, Q, P): dt_j x_j
 
     # 1. Inside each chunk: y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) (C_i . B_j) dt_j x_j.
     #    decay[..., i, j] is the decay from step j to step i (0 for j > i: causal); CB[..., i, j]
@@ -220,8 +229,7 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
           else initial_state.to(sdtype).view(b, g, r, p, n))
     s = torch.cat([h0[:, :, :, None], states.to(sdtype)], dim=3)       # (B, G, R, K+1, P, N)
     log_decay = F.pad(a.sum(dim=-1), (1, 0))                            # (B, G, R, K+1)
-    s = _log_depth_linear_scan(s, log_decay)
-    h_in, final_state = s[:, :, :, :-1], s[:, :, :, -1]
+    h_in, final_state = _parallel_linear_scan(s, log_decay).split([K, 1], dim=3)
 
     # 4. What the carried-in state adds inside chunk k: y_i += exp(a_0 + ... + a_i) h_in C_i
     #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate).
@@ -288,7 +296,8 @@ class Mamba2(nn.Module):
         super().__init__()
         d_inner = expand * d_model
         if d_inner % headdim != 0:
-            raise ValueError(f"expand * d_model = {d_inner} must be a multiple of headdim = {headdim}")
+            raise ValueError(f"expand * d_model = {d_inner} must be a multiple of "
+                             f"headdim = {headdim}")
         nheads = d_inner // headdim
         if nheads % ngroups != 0:
             raise ValueError(f"ngroups = {ngroups} must divide the number of heads = {nheads}")
@@ -297,20 +306,23 @@ class Mamba2(nn.Module):
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if not 0 < A_init_range[0] <= A_init_range[1]:
-            raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, got {A_init_range}")
+            raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, "
+                             f"got {A_init_range}")
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
-        self.d_inner, self.nheads, self.ngroups, self.chunk_size = d_inner, nheads, ngroups, chunk_size
+        self.d_inner, self.nheads, self.ngroups = d_inner, nheads, ngroups
+        self.chunk_size = chunk_size
         self.conv_dim = d_inner + 2 * ngroups * d_state          # x, B, C all go through the conv
 
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)  # z, xBC, dt
+        # one projection for everything: z (gate), xBC (conv input), dt (one per head)
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)
         # Depthwise (one filter per channel) and causal: the sequence is left-padded with the
         # carried state (zeros at the start), so no padding inside the module itself.
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim)
 
         # dt = softplus(dt_raw + dt_bias) starts log-uniform in [dt_min, dt_max]: dt_bias is the
         # inverse softplus of such a draw, log(exp(dt) - 1) = dt + log(1 - exp(-dt)).
-        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
+        log_dt = torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         # A = -exp(A_log) < 0 with -A uniform in A_init_range: per-head decay rates.
         self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(*A_init_range)))
@@ -334,7 +346,8 @@ class Mamba2(nn.Module):
         """u (B, L, d_model), state (Mamba2State for batch B, or None = start of the sequence)
         -> y (B, L, d_model), the state after the last token (pass it to the next call)."""
         if u.dim() != 3 or u.shape[-1] != self.d_model:
-            raise ValueError(f"u must have shape (batch, length, d_model={self.d_model}), got {tuple(u.shape)}")
+            raise ValueError(f"u must have shape (batch, length, d_model={self.d_model}), "
+                             f"got {tuple(u.shape)}")
         b, l, _ = u.shape
         H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
         if state is None:
@@ -349,19 +362,19 @@ class Mamba2(nn.Module):
 
         # Causal conv: prepend the last d_conv - 1 inputs of the previous piece; the window
         # then yields exactly L outputs, and its last d_conv - 1 inputs are the next conv state.
-        xBC = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, d_conv-1+L)
-        conv_state = xBC[:, :, l:]
-        xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)                            # (B, L, conv_dim)
+        xBC = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
+        conv_state = xBC[:, :, l:]                           # (B, conv_dim, d_conv - 1)
+        xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)       # (B, L, conv_dim)
         x, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
 
         fdtype = _state_dtype(dt.dtype)                   # dt and A in at least float32
         dt = F.softplus(dt.to(fdtype) + self.dt_bias.to(fdtype))                 # (B, L, H) > 0
         A = -torch.exp(self.A_log.to(fdtype))                                     # (H,) < 0
-        args = (x.reshape(b, l, H, P), dt, A, Bm.reshape(b, l, G, N), Cm.reshape(b, l, G, N), self.D)
+        x, Bm, Cm = x.reshape(b, l, H, P), Bm.reshape(b, l, G, N), Cm.reshape(b, l, G, N)
         if l == 1:    # one token (sampling): a single step of the recurrence is all it takes
-            y, ssm_state = ssd_scan_sequential(*args, initial_state=state.ssm)
+            y, ssm_state = ssd_scan_sequential(x, dt, A, Bm, Cm, self.D, state.ssm)
         else:
-            y, ssm_state = ssd_scan_parallel(*args, initial_state=state.ssm, chunk_size=self.chunk_size)
+            y, ssm_state = ssd_scan_parallel(x, dt, A, Bm, Cm, self.D, state.ssm, self.chunk_size)
 
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y), Mamba2State(conv_state, ssm_state)

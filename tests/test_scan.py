@@ -21,7 +21,8 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def make_inputs(b, l, h, p, g, n, dtype=torch.float64, seed=0, dt_scale=0.5, with_D=True, with_init=True):
+def make_inputs(b, l, h, p, g, n, dtype=torch.float64, seed=0, dt_scale=0.5, with_D=True,
+                with_init=True):
     """Random scan inputs: x (b,l,h,p), dt (b,l,h) > 0, A (h,) < 0, B, C (b,l,g,n), D, h0."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
@@ -153,11 +154,11 @@ def test_scans_accept_bf16():
 @pytest.mark.parametrize("scan", [ssd_scan_sequential, ssd_scan_parallel])
 @pytest.mark.parametrize("broken, message", [
     (lambda a: {**a, "x": a["x"][0]}, "x must have shape"),
-    (lambda a: {**a, "x": a["x"][:, :0], "dt": a["dt"][:, :0], "B": a["B"][:, :0], "C": a["C"][:, :0]}, "empty"),
+    (lambda a: {**a, **{k: a[k][:, :0] for k in ("x", "dt", "B", "C")}}, "empty"),
     (lambda a: {**a, "dt": a["dt"][:, :-1]}, "dt must have shape"),
     (lambda a: {**a, "A": a["A"][:2]}, "A must have shape"),
     (lambda a: {**a, "C": a["C"][..., :2]}, "B and C"),
-    (lambda a: {**a, "B": a["B"][:, :, :1].expand(-1, -1, 3, -1), "C": a["C"][:, :, :1].expand(-1, -1, 3, -1)}, "must divide"),
+    (lambda a: {**a, **{k: a[k][:, :, :1].expand(-1, -1, 3, -1) for k in "BC"}}, "must divide"),
     (lambda a: {**a, "D": a["D"][:1]}, "D must have shape"),
     (lambda a: {**a, "initial_state": a["initial_state"][..., :1]}, "initial_state"),
 ])
@@ -277,7 +278,8 @@ def test_mamba2_parameters_match_official_checkpoint():
     expected = {}
     for line in KEYS_FILE.read_text().splitlines():
         if line.startswith(prefix):
-            name, rest = line[len(prefix):].split(" ", 1)       # "in_proj.weight [4256, 1024] float32"
+            # e.g. "blocks.0.mamba.in_proj.weight [4256, 1024] float32"
+            name, rest = line[len(prefix):].split(" ", 1)
             expected[name] = [int(s) for s in rest[rest.index("[") + 1:rest.index("]")].split(",")]
     got = {k: list(v.shape) for k, v in Mamba2(d_model=1024).state_dict().items()}
     assert expected and got == expected

@@ -1,0 +1,205 @@
+"""Benchmark: the sequential SSM loop vs the chunked parallel scan (mvar.py section 1).
+
+Prints, for each sequence length L and each method (loop; parallel with chunk sizes Q), the
+median wall time and the peak memory of a forward pass (under torch.no_grad, as when sampling)
+and of a forward + backward pass (as in training), plus the loop / parallel ratios.
+
+    python benchmarks/scan.py                 # default problem: B=8 H=8 P=64 N=64 fp32, ~3-5 min
+    python benchmarks/scan.py --quick         # L=130,680, chunk 64 only, fewer repeats
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/scan.py   # see "allocator" below
+
+How memory is measured. torch allocates CPU tensors with the C allocator, which Python's
+tracemalloc does not see, so the script measures the process itself. Every case runs in a fresh
+subprocess, which first runs a tiny version of the same case (loading kernels and thread pools)
+and builds the inputs, then resets the kernel's peak-RSS counter (writing 5 to
+/proc/self/clear_refs, Linux >= 4.0), notes the resident set size, runs the case once, and reads
+the peak (VmHWM in /proc/self/status). Peak minus start is the memory the case needed on top of
+its inputs: activations kept for backward, temporaries, gradients. It can only under-count a
+little (pages the allocator already held and reused). On CUDA, torch.cuda.max_memory_allocated.
+
+The floor. A rough lower bound for the time of the chunked algorithm: max(FLOPs / matmul rate,
+bytes / memory bandwidth), with the rate and bandwidth measured on this machine right before the
+table (a large matmul, a large copy). FLOPs counted: the four matmul steps of ssd_scan_parallel
+(C B^T per group, the (Q,Q) mix applied to x, chunk states, carried state applied to C); backward
+~2x forward. Bytes: reading x, dt, B, C and writing y once (backward: ~3x that). No floor is
+printed for the loop: its time is per-step overhead and, with backward, storing one (B,H,P,N)
+state per step for autograd (B*H*P*N*4*L bytes: the memory column).
+
+Allocator. Buffers above glibc's mmap threshold (at most 32 MB) are fresh pages from the kernel on
+every allocation, and page faults can dominate; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 makes
+those mappings use transparent huge pages. The script prints whether it was set.
+
+Timings on a shared machine are noisy: compare the ratios within one run, not across runs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mvar import ssd_scan_parallel, ssd_scan_sequential  # noqa: E402
+
+
+def make_inputs(b, l, h, p, n, device, requires_grad):
+    """Inputs in the range Mamba-2 sees at init: dt in [1e-3, 0.1], A in [-16, -1]."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, l, h, p, generator=gen)
+    dt = torch.rand(b, l, h, generator=gen) * 0.099 + 0.001
+    A = -(torch.rand(h, generator=gen) * 15 + 1)
+    B = torch.randn(b, l, 1, n, generator=gen)
+    C = torch.randn(b, l, 1, n, generator=gen)
+    D = torch.randn(h, generator=gen)
+    return [t.to(device).requires_grad_(requires_grad) for t in (x, dt, A, B, C, D)]
+
+
+def run_once(fn, args, backward):
+    if backward:
+        y, state = fn(*args)
+        (y.sum() + state.sum()).backward()
+    else:
+        with torch.no_grad():
+            fn(*args)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def proc_status_bytes(key):
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024                     # reported in kB
+    raise RuntimeError(f"{key} not in /proc/self/status: memory measurement needs Linux")
+
+
+def run_case(case):
+    """Child process: time one (method, L, chunk, mode) case and measure its peak memory."""
+    torch.set_num_threads(case["threads"])
+    dev, backward = case["device"], case["mode"] == "fwd+bwd"
+    fn = (ssd_scan_sequential if case["chunk"] == 0
+          else lambda *a: ssd_scan_parallel(*a, chunk_size=case["chunk"]))
+    shape = (case["b"], case["h"], case["p"], case["n"])
+    run_once(fn, make_inputs(shape[0], 3, *shape[1:], dev, backward), backward)   # warm-up
+    args = make_inputs(shape[0], case["L"], *shape[1:], dev, backward)
+    sync(dev)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")         # peak RSS := current RSS
+        base = proc_status_bytes("VmRSS")
+    run_once(fn, args, backward)
+    sync(dev)
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else proc_status_bytes("VmHWM")
+    peak -= base
+    times = []
+    for _ in range(case["repeats"]):
+        for a in args:
+            a.grad = None
+        t0 = time.perf_counter()
+        run_once(fn, args, backward)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
+
+
+def measure_machine(device, threads):
+    """Achieved matmul rate (FLOP/s) and copy bandwidth (bytes/s) on this machine, now."""
+    torch.set_num_threads(threads)
+    a = torch.randn(1024, 1024, device=device)
+    big = torch.randn(64 * 2**20 // 4, device=device)       # 64 MB
+    out = torch.empty_like(big)
+    rate, bw = 0.0, 0.0
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ a
+        sync(device)
+        t1 = time.perf_counter()
+        out.copy_(big)
+        sync(device)
+        t2 = time.perf_counter()
+        rate, bw = max(rate, 2 * 1024**3 / (t1 - t0)), max(bw, 2 * big.numel() * 4 / (t2 - t1))
+    return rate, bw
+
+
+def floors(b, l, h, p, n, q, rate, bw):
+    """(fwd, fwd+bwd) lower-bound seconds for the chunked algorithm with chunk q."""
+    lp = -(-l // q) * q                                      # padded length
+    flops = 2 * b * lp * q * n + 2 * b * h * lp * q * p + 2 * 2 * b * h * lp * p * n
+    io = 4 * (2 * b * l * h * p + b * l * h + 2 * b * l * n)
+    return max(flops / rate, io / bw), max(3 * flops / rate, 3 * io / bw)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[130, 680, 2240])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--dstate", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    ap.add_argument("--loop-repeats", type=int, default=3, help="timed runs for the slow loop")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--quick", action="store_true", help="L=130,680, chunk 64, 3 repeats")
+    ap.add_argument("--case", help=argparse.SUPPRESS)     # internal: run one case, print JSON
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.quick:
+        args.lengths, args.chunks, args.repeats, args.loop_repeats = [130, 680], [64], 3, 2
+
+    b, h, p, n = args.batch, args.heads, args.headdim, args.dstate
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    print(f"problem: B={b} H={h} P={p} N={n} fp32, device={args.device}, threads={args.threads}, "
+          f"torch {torch.__version__}")
+    print(f"GLIBC_TUNABLES=glibc.malloc.hugetlb=1 set: {'glibc.malloc.hugetlb=1' in tunables}"
+          f" (GLIBC_TUNABLES={tunables!r})")
+    rate, bw = measure_machine(args.device, args.threads)
+    print(f"machine now: matmul {rate / 1e9:.0f} GFLOP/s, copy {bw / 1e9:.1f} GB/s")
+    print("memory: peak growth of the process during the case (see the docstring)\n")
+
+    methods = [("loop", 0)] + [(f"chunk {q}", q) for q in args.chunks]
+    hdr = (f"{'L':>5} {'method':>9} | {'fwd ms':>8} {'MB':>6} | {'fwd+bwd ms':>10} {'MB':>6} | "
+           f"{'loop/this: fwd':>14} {'f+b time':>8} {'f+b mem':>7} | {'floor ms fwd, f+b':>17}")
+    print(hdr)
+    print("-" * len(hdr))
+    for l in args.lengths:
+        res = {}
+        for name, q in methods:
+            for mode in ("fwd", "fwd+bwd"):
+                case = dict(L=l, chunk=q, mode=mode, b=b, h=h, p=p, n=n, device=args.device,
+                            threads=args.threads,
+                            repeats=args.loop_repeats if q == 0 else args.repeats)
+                out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
+                                     capture_output=True, text=True, check=True)
+                res[name, mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        for name, q in methods:
+            f, fb = res[name, "fwd"], res[name, "fwd+bwd"]
+            lf, lfb = res["loop", "fwd"], res["loop", "fwd+bwd"]
+            floor = "-"
+            if q:
+                fl_f, fl_fb = floors(b, l, h, p, n, q, rate, bw)
+                floor = f"{fl_f * 1e3:7.1f}, {fl_fb * 1e3:7.1f}"
+            print(f"{l:>5} {name:>9} | {f['median_s'] * 1e3:8.1f} {f['peak_bytes'] / 2**20:6.0f} | "
+                  f"{fb['median_s'] * 1e3:10.1f} {fb['peak_bytes'] / 2**20:6.0f} | "
+                  f"{lf['median_s'] / f['median_s']:13.1f}x "
+                  f"{lfb['median_s'] / fb['median_s']:7.1f}x "
+                  f"{lfb['peak_bytes'] / max(fb['peak_bytes'], 1):6.1f}x | {floor:>17}", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    main()
