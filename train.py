@@ -157,12 +157,20 @@ PRESETS = {
                             end_lr_ratio=0.01, gen_batch=1024, weight_decay_end=0.08),
 }
 
-# Fields that only steer *this invocation*: they may change when a run is resumed. Every
-# other field defines the run, and a checkpoint written under other values is refused.
-RUNTIME_FIELDS = {"preset", "stage", "out_dir", "device", "compile", "max_minutes",
-                  "stop_after", "log_every", "ckpt_every", "image_every", "num_workers",
-                  "download", "data_dir", "vae_ckpt", "eval_images", "cfg_scale", "top_k",
-                  "top_p", "samples_per_class"}
+# The fields that define each stage's result: resuming a checkpoint written under other
+# values is refused. All other fields (RUNTIME_FIELDS) only steer this invocation -- output,
+# logging, devices, the number of processes / accumulation steps -- and may change freely.
+DATA_FIELDS = ("seed", "dataset", "image_size", "hflip", "subset", "shapes_train", "shapes_test")
+STAGE1_FIELDS = DATA_FIELDS + ("tok_preset", "tok_ch", "tok_ch_mult", "tok_z_channels", "vocab_size",
+                               "patch_nums", "tok_batch", "tok_lr", "tok_epochs", "tok_l1", "tok_l2",
+                               "warmup_frac", "end_lr_ratio", "grad_clip")
+STAGE2_FIELDS = DATA_FIELDS + ("arch", "depth", "width", "num_heads", "gen_batch", "base_lr",
+                               "gen_epochs", "warmup_frac", "end_lr_ratio", "weight_decay",
+                               "weight_decay_end", "grad_clip", "alng", "drop_path", "cond_drop")
+RUNTIME_FIELDS = ("preset", "stage", "out_dir", "device", "precision", "compile", "max_minutes",
+                  "stop_after", "log_every", "ckpt_every", "image_every", "num_workers", "download",
+                  "data_dir", "vae_ckpt", "eval_images", "grad_accum", "cfg_scale", "top_k", "top_p",
+                  "samples_per_class")
 _CHOICES = {"stage": ("tokenizer", "generator", "all"), "arch": ("mvar", "var"),
             "dataset": ("shapes", "fashion-mnist", "cifar10", "folder"),
             "precision": ("auto", "fp32", "bf16", "fp16"), "tok_preset": ("32px", "var256")}
@@ -214,7 +222,7 @@ def parse_args(argv=None) -> TrainConfig:
     pre.add_argument("--preset", default="tiny")
     preset = pre.parse_known_args(argv)[0].preset
     if preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        pre.error(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     defaults = TrainConfig(**PRESETS[preset])
 
     parser = argparse.ArgumentParser(
@@ -693,9 +701,14 @@ class _StepBatches:
 
 
 def step_loader(ds, sampler: ShardedSampler, start: int, end: int, num_workers: int = 0, pin: bool = False):
-    """Iterate the training batches of steps start..end-1 -> (images (B,C,H,W), labels (B,))."""
+    """Iterate the training batches of steps start..end-1 -> (images (B,C,H,W), labels (B,)).
+
+    The DataLoader gets its own generator: otherwise starting it draws a seed from the global
+    RNG, and a resumed run would see different dropout noise than an uninterrupted one.
+    """
     return torch.utils.data.DataLoader(ds, batch_sampler=_StepBatches(sampler, start, end),
-                                       num_workers=num_workers, pin_memory=pin)
+                                       num_workers=num_workers, pin_memory=pin,
+                                       generator=torch.Generator().manual_seed(sampler.seed))
 
 
 # ============================================================================================
@@ -740,14 +753,15 @@ def load_checkpoint(path, kind: str, map_location="cpu") -> dict:
     return ckpt
 
 
-def check_same_run(saved: dict, cfg: TrainConfig, path) -> None:
-    """Refuse to resume a run whose defining settings differ from this invocation's."""
+def check_same_run(saved: dict, cfg: TrainConfig, path, defining=STAGE2_FIELDS) -> None:
+    """Refuse to resume a run whose defining settings (STAGE1_FIELDS / STAGE2_FIELDS) differ
+    from this invocation's."""
     now = dataclasses.asdict(cfg)
-    if saved.get("arch", cfg.arch) != cfg.arch:
+    if "arch" in defining and saved.get("arch", cfg.arch) != cfg.arch:
         raise ValueError(f"{path} holds a {saved['arch']!r} generator but this run asks for "
                          f"--arch {cfg.arch}; pass --arch {saved['arch']} or use another --out_dir")
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now
-            if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in defining
+            if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"{path} was written by a run with other settings:\n  " + "\n  ".join(diff)
                          + "\nResume with the same settings, or choose another --out_dir.")
@@ -1009,7 +1023,7 @@ def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -
     step, history = 0, []
     if path.exists():
         ck = load_checkpoint(path, "tokenizer")
-        check_same_run(ck["config"]["train"], cfg, path)
+        check_same_run(ck["config"]["train"], cfg, path, STAGE1_FIELDS)
         load_tokenizer_state(model, ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history = ck["step"], ck["history"]
@@ -1065,7 +1079,7 @@ def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -
             history.append([step, sum(running) / len(running)])
             running = []
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{float(psnr(img, recon).mean()):.2f}",
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{float(psnr(img, recon.detach()).mean()):.2f}",
                         used="/".join(str(int(u)) for u in stats["used"]))
         if step % cfg.image_every == 0:
             recon_grid()
@@ -1297,7 +1311,10 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
     step, history = 0, []
     if path.exists():
         ck = load_checkpoint(path, "generator")
-        check_same_run(ck["config"]["train"], cfg, path)
+        check_same_run(ck["config"]["train"], cfg, path, STAGE2_FIELDS)
+        if ck["tokenizer_sha256"] != cache["tokenizer_sha256"]:
+            raise ValueError(f"{path} was trained on the tokens of another tokenizer.pt (sha256 "
+                             "differs); use another --out_dir, or delete it to start stage 2 over")
         load_state_dict_checked(model, ck["model"], what=f"{cfg.arch} generator")
         opt.load_state_dict(ck["optimizer"])
         if scaler and ck.get("scaler"):

@@ -1,0 +1,361 @@
+"""train.py: command line, schedule, optimizer groups, checkpoints, token cache, resume and DDP.
+
+Everything runs the real pipeline (real tokenizer, real MVAR) on a tiny configuration: 16px
+shapes, 4x4 latents (patch_nums 1,2,3,4 -> L = 30 tokens), depth-2 width-64 generator.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = ["--image_size", "16", "--shapes_train", "64", "--shapes_test", "16", "--tok_ch", "32",
+        "--tok_ch_mult", "1,2,2", "--tok_z_channels", "8", "--vocab_size", "64",
+        "--patch_nums", "1,2,3,4", "--tok_batch", "16", "--tok_epochs", "1", "--depth", "2",
+        "--width", "64", "--num_heads", "2", "--gen_batch", "16", "--gen_epochs", "1.5",
+        "--base_lr", "1e-3", "--cond_drop", "0.5", "--hflip", "1", "--log_every", "1",
+        "--image_every", "1000", "--ckpt_every", "1000", "--samples_per_class", "1",
+        "--device", "cpu"]
+TOK_STEPS, GEN_STEPS = 4, 6          # 64 images / batch 16 = 4 steps per epoch
+
+
+def tensors_equal(a, b, path="") -> None:
+    """Assert two nested checkpoint structures hold identical tensors and values."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys differ"
+        for k in a:
+            tensors_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            tensors_equal(x, y, f"{path}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{path} differs (max diff {(a.float() - b.float()).abs().max()})"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted tiny run of both stages (shared by several tests)."""
+    out = tmp_path_factory.mktemp("full")
+    result = train.main(TINY + ["--out_dir", str(out)])
+    return out, result
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and config
+# --------------------------------------------------------------------------------------------
+
+def test_cli_overrides_and_presets():
+    cfg = train.parse_args([])
+    assert cfg == train.make_config("tiny") and cfg.out_dir == os.path.join("runs", "tiny")
+    cfg = train.parse_args(["--preset", "cifar10", "--depth", "3", "--hflip", "0", "--compile",
+                            "--patch_nums", "1,2,4,8", "--base_lr", "3e-4", "--arch", "var",
+                            "--stage", "generator", "--out_dir", "x"])
+    assert (cfg.preset, cfg.dataset, cfg.depth, cfg.hflip, cfg.compile) == ("cifar10", "cifar10", 3, False, True)
+    assert cfg.patch_nums == (1, 2, 4, 8) and cfg.base_lr == 3e-4 and cfg.arch == "var"
+    assert cfg.stage == "generator" and cfg.out_dir == "x"
+    assert train.parse_args(["--preset", "cifar10", "--no-hflip"]).hflip is False
+    assert train.parse_args(["--hflip", "true"]).hflip is True
+    assert train.parse_args(["--preset", "fashion-mnist"]).dataset == "fashion-mnist"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tok_lrr", "1"], "unknown argument.*--tok_lrr.*did you mean --tok_lr"),
+    (["--hflip", "maybe"], "expected a boolean"),
+    (["--arch", "gpt"], "invalid choice"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--patch_nums", "1,x"], "comma list"),
+])
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    captured = capsys.readouterr()
+    import re
+    assert re.search(message, captured.err + captured.out)
+
+
+def test_every_field_is_classified():
+    """A field must either define a stage (checked on resume) or be a runtime knob."""
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    defining = set(train.STAGE1_FIELDS) | set(train.STAGE2_FIELDS)
+    assert defining | set(train.RUNTIME_FIELDS) == names
+    assert not defining & set(train.RUNTIME_FIELDS)
+    for f in dataclasses.fields(train.TrainConfig):
+        assert f.metadata.get("help"), f"{f.name} has no --help text"
+
+
+def test_imagenet_presets_follow_var_commands():
+    """VAR / M-VAR's released training commands (README of both repos)."""
+    expected = {  # depth: (global batch, epochs, base lr, alng, final lr ratio, final wd)
+        16: (768, 200, 1e-4, 1e-3, 0.1, 0.05), 20: (768, 250, 1e-4, 1e-3, 0.1, 0.05),
+        24: (768, 350, 8e-5, 1e-4, 0.01, 0.05), 30: (1024, 350, 8e-5, 1e-5, 0.01, 0.08)}
+    for depth, (bs, ep, lr, alng, wpe, twde) in expected.items():
+        c = train.make_config(f"imagenet256-d{depth}")
+        assert (c.depth, c.gen_batch, c.gen_epochs, c.base_lr, c.alng, c.end_lr_ratio,
+                c.weight_decay, c.weight_decay_end) == (depth, bs, ep, lr, alng, wpe, 0.05, twde)
+        assert (c.image_size, c.tok_preset, c.dataset, c.grad_clip) == (256, "var256", "folder", 2.0)
+        assert c.vae_ckpt.endswith("vae_ch160v4096z32.pth")
+    assert train.make_config("imagenet256-d16").base_lr * 768 / 256 == pytest.approx(3e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule and optimizer groups
+# --------------------------------------------------------------------------------------------
+
+def test_lr_schedule_values():
+    peak, total = 1.0, 12
+    lrs = [train.lr_at(s, total, peak, warmup_frac=0.25, end_ratio=0.1) for s in range(total)]
+    # 3 warm-up steps: 1/3, 2/3, 1; then a straight line from 1 (step 3) to 0.1 (step 11)
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lrs[3] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert lrs[7] == pytest.approx(1.0 - 0.9 * 4 / 8)
+    steps = [b - a for a, b in zip(lrs[3:], lrs[4:])]
+    assert steps == pytest.approx([steps[0]] * len(steps))        # linear decay
+    assert train.lr_at(0, 100, 2e-4, 0.0, 0.5) == pytest.approx(2e-4)   # no warm-up
+    assert train.wd_at(0, 11, 0.05, 0.08) == pytest.approx(0.05)
+    assert train.wd_at(10, 11, 0.05, 0.08) == pytest.approx(0.08)
+    assert train.wd_at(5, 11, 0.05, 0.08) == pytest.approx(0.065)      # cosine midpoint
+
+
+def test_param_groups_no_decay_set():
+    from mvar import MVAR, MVARConfig
+    model = MVAR(MVARConfig(arch="mvar", depth=2, width=64, num_heads=2, num_classes=4,
+                            vocab_size=32, Cvae=8, patch_nums=(1, 2, 3)))
+    decay, no_decay = train.param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert nd | d == set(names.values()) and not nd & d
+    for n in d:           # decayed: only weight matrices / conv kernels / class embedding
+        assert not n.endswith("bias") and not any(k in n for k in train.NO_DECAY_KEYS), n
+    for must in ("pos_start", "pos_1LC", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11",
+                 "blocks.0.mamba.dt_bias", "blocks.0.mamba.A_log", "blocks.0.mamba.D",
+                 "blocks.0.mamba.norm.weight", "blocks.0.attn.q_bias", "head.bias"):
+        assert must in nd, must
+    for must in ("class_emb.weight", "word_embed.weight", "blocks.0.attn.mat_qkv.weight",
+                 "blocks.0.ffn.fc1.weight", "blocks.0.mamba.in_proj.weight", "head.weight"):
+        assert must in d, must
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "ck.pt"
+    good = {"kind": "generator", "step": 1, "model": {"w": torch.arange(5.0)}}
+    train.save_checkpoint(good, path)
+
+    def dying_save(obj, fh):                  # writes half a file, then the process "dies"
+        fh.write(b"PK\x03\x04 partial zip")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"kind": "generator", "step": 2}, path)
+    monkeypatch.undo()
+    ck = train.load_checkpoint(path, "generator")
+    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(5.0))
+    assert os.listdir(path.parent) == ["ck.pt"]                   # no temp file left behind
+
+
+def test_checkpoint_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.load_checkpoint(tmp_path / "nope.pt", "generator")
+    path = tmp_path / "ck.pt"
+    train.save_checkpoint({"kind": "tokenizer", "model": {"w": torch.randn(1000)}}, path)
+    with pytest.raises(ValueError, match="'tokenizer' checkpoint, expected a 'generator'"):
+        train.load_checkpoint(path, "generator")
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])                       # truncated
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        train.load_checkpoint(path, "tokenizer")
+    torch.save({"kind": "generator", "path": Path("x")}, path)          # not a plain type
+    with pytest.raises(ValueError, match="not written by train.py"):   # weights_only refuses it
+        train.load_checkpoint(path, "generator")
+
+
+def test_resume_refuses_other_config_and_arch(full_run, tmp_path):
+    out, _ = full_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("tokenizer.pt", "tokens.pt", "mvar.pt"):
+        (run / name).write_bytes((out / name).read_bytes())
+    ck = train.load_checkpoint(run / "mvar.pt", "generator")
+    ck["done"], ck["step"] = False, 1                             # pretend it was interrupted
+    train.save_checkpoint(ck, run / "mvar.pt")
+    with pytest.raises(ValueError, match=r"other settings:\n  depth: checkpoint 2 vs now 3"):
+        train.main(TINY + ["--out_dir", str(run), "--stage", "generator", "--depth", "3"])
+    # a VAR checkpoint where an M-VAR one is expected
+    ck["config"]["train"]["arch"] = "var"
+    train.save_checkpoint(ck, run / "mvar.pt")
+    with pytest.raises(ValueError, match="holds a 'var' generator.*--arch mvar"):
+        train.main(TINY + ["--out_dir", str(run), "--stage", "generator"])
+    # the generator stage without a finished tokenizer
+    with pytest.raises(FileNotFoundError, match="tokenizer.pt does not exist"):
+        train.main(TINY + ["--out_dir", str(tmp_path / "empty"), "--stage", "generator"])
+
+
+# --------------------------------------------------------------------------------------------
+# Full pipeline: outputs, resume, token cache, reloading for sampling
+# --------------------------------------------------------------------------------------------
+
+def test_full_run_outputs(full_run):
+    out, result = full_run
+    for name in ("config.json", "tokenizer.pt", "tokenizer_eval.json", "tokenizer_recon.png",
+                 "tokens.pt", "mvar.pt", "mvar_eval.json", "mvar_loss.png", "mvar_samples.png"):
+        assert (out / name).is_file(), name
+    tok = train.load_checkpoint(out / "tokenizer.pt", "tokenizer")
+    gen = train.load_checkpoint(out / "mvar.pt", "generator")
+    assert (tok["step"], tok["done"], gen["step"], gen["done"]) == (TOK_STEPS, True, GEN_STEPS, True)
+    assert gen["config"]["model"]["arch"] == "mvar" and gen["config"]["model"]["vocab_size"] == 64
+    assert gen["config"]["tokenizer"]["patch_nums"] == [1, 2, 3, 4]
+    assert [row[0] for row in gen["history"]] == list(range(1, GEN_STEPS + 1))
+    import json
+    ev = json.loads((out / "mvar_eval.json").read_text())
+    assert len(ev["per_scale_acc"]) == 4 and ev["tokens_images"] == 16
+
+
+def test_resume_matches_uninterrupted_run(full_run, tmp_path):
+    out, _ = full_run
+    run = str(tmp_path / "resumed")
+    # invocation 1: stage 1 stops after 3 of 4 steps; stage 2 does not start
+    r = train.main(TINY + ["--out_dir", run, "--stop_after", "3"])
+    assert r["tokenizer"] is None and not Path(run, "mvar.pt").exists()
+    assert train.load_checkpoint(Path(run) / "tokenizer.pt", "tokenizer")["step"] == 3
+    # invocation 2: stage 1 finishes (1 step), stage 2 stops after 3 of 6 steps
+    r = train.main(TINY + ["--out_dir", run, "--stop_after", "3"])
+    assert r["tokenizer"] is not None and r["generator"] is None
+    assert train.load_checkpoint(Path(run) / "mvar.pt", "generator")["step"] == 3
+    # invocation 3: stage 2 finishes
+    train.main(TINY + ["--out_dir", run])
+    for name, kind in (("tokenizer.pt", "tokenizer"), ("mvar.pt", "generator")):
+        a, b = train.load_checkpoint(out / name, kind), train.load_checkpoint(Path(run) / name, kind)
+        for key in ("model", "optimizer", "step", "history"):
+            tensors_equal(a[key], b[key], f"{name}:{key}")
+
+
+def test_token_cache_equals_on_the_fly_encoding(full_run):
+    out, result = full_run
+    cfg = train.parse_args(TINY + ["--out_dir", str(out)])
+    tokenizer, _ = train.load_trained_tokenizer(out / "tokenizer.pt")
+    cache = torch.load(out / "tokens.pt", weights_only=True)
+    assert cache["tokenizer_sha256"] == train.file_digest(out / "tokenizer.pt")
+    pns = tokenizer.cfg.patch_nums
+    for split in ("train", "test"):
+        ds = train.load_dataset(cfg, split)
+        img = torch.stack([ds[i][0] for i in range(len(ds))])
+        labels = torch.tensor([ds[i][1] for i in range(len(ds))])
+        assert torch.equal(cache[split]["labels"], labels)
+        views = [(img, cache[split]["idx"])]
+        if split == "train":                                      # hflip: flipped copies too
+            views.append((img.flip(-1), cache[split]["idx_flip"]))
+        else:
+            assert cache[split].get("idx_flip") is None
+        for x, cached in views:
+            fresh = tokenizer.img_to_idx(x)
+            cached_list = train.split_scales(cached.long(), pns)
+            assert all(torch.equal(a, b) for a, b in zip(fresh, cached_list))
+            assert torch.equal(tokenizer.idx_to_teacher_input(cached_list),
+                               tokenizer.idx_to_teacher_input(fresh))
+    # an unchanged tokenizer.pt reuses the cache
+    d = train.DistInfo()
+    assert train.build_token_cache(cfg, d, tokenizer)["tokenizer_sha256"] == cache["tokenizer_sha256"]
+
+
+def test_token_cache_rebuilt_for_another_tokenizer(tmp_path):
+    cfg = train.parse_args(TINY + ["--out_dir", str(tmp_path)])
+    tok_cfg = train.tokenizer_config_for(cfg, in_channels=3)
+    d = train.DistInfo()
+    caches = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        tok = train.MultiScaleVQVAE(tok_cfg).eval()
+        train.save_checkpoint(train._tokenizer_payload(cfg, tok_cfg, tok, None, 0, 0, [], [], True),
+                              tmp_path / "tokenizer.pt")
+        caches.append(train.build_token_cache(cfg, d, tok))
+        again = train.build_token_cache(cfg, d, tok)              # reused, not re-encoded
+        assert torch.equal(again["train"]["idx"], caches[-1]["train"]["idx"])
+        expect = torch.cat(tok.img_to_idx(torch.stack([train.load_dataset(cfg, "test")[i][0]
+                                                       for i in range(16)])), 1)
+        assert torch.equal(caches[-1]["test"]["idx"].long(), expect)
+    assert caches[0]["tokenizer_sha256"] != caches[1]["tokenizer_sha256"]
+
+
+def test_load_generator_rebuilds_the_trained_model(full_run):
+    out, result = full_run
+    model, tokenizer, ck = train.load_generator(out / "mvar.pt")
+    trained = result["generator"]
+    for (n, p), (n2, q) in zip(model.state_dict().items(), trained.state_dict().items()):
+        assert n == n2 and torch.equal(p, q), n
+    labels = torch.tensor([0, 3])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(model.generate(tokenizer, labels, generator=g1),
+                       trained.generate(result["tokenizer"], labels, generator=g2))
+
+
+def test_other_arch_shares_the_tokenizer_and_cache(full_run, tmp_path):
+    out, _ = full_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("tokenizer.pt", "tokens.pt"):
+        (run / name).write_bytes((out / name).read_bytes())
+    mtime = (run / "tokens.pt").stat().st_mtime_ns
+    r = train.main(TINY + ["--out_dir", str(run), "--arch", "var", "--stage", "generator"])
+    assert r["generator"].cfg.arch == "var" and (run / "var.pt").is_file()
+    assert (run / "tokens.pt").stat().st_mtime_ns == mtime       # cache reused
+    assert train.load_generator(run / "var.pt")[2]["config"]["model"]["arch"] == "var"
+
+
+def test_missing_vae_checkpoint_says_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth"):
+        train.main(["--preset", "imagenet256-d16", "--out_dir", str(tmp_path), "--stage", "tokenizer",
+                    "--vae_ckpt", str(tmp_path / "missing.pth"), "--device", "cpu"])
+
+
+# --------------------------------------------------------------------------------------------
+# DDP under torchrun (gloo on CPU)
+# --------------------------------------------------------------------------------------------
+
+def test_torchrun_two_processes(tmp_path):
+    run = tmp_path / "run"
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        import train
+        out = train.main({TINY!r} + ["--out_dir", {str(run)!r}])
+        rank = os.environ["RANK"]
+        torch.save(out["tokenizer"].state_dict(), {str(tmp_path)!r} + f"/tok{{rank}}.pt")
+        torch.save(out["generator"].state_dict(), {str(tmp_path)!r} + f"/gen{{rank}}.pt")
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(job)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for kind in ("tok", "gen"):
+        a, b = (torch.load(tmp_path / f"{kind}{r}.pt", weights_only=True) for r in (0, 1))
+        tensors_equal(a, b, kind)                                 # replicas stayed identical
+    gen0 = torch.load(tmp_path / "gen0.pt", weights_only=True)
+    ck = train.load_checkpoint(run / "mvar.pt", "generator")
+    tensors_equal(gen0, ck["model"], "checkpoint")
+    assert ck["step"] == GEN_STEPS and len(ck["rng"]) == 2        # one RNG state per rank
+    # the sharded token cache equals encoding the whole dataset in one process
+    cfg = train.parse_args(TINY + ["--out_dir", str(run)])
+    tokenizer, _ = train.load_trained_tokenizer(run / "tokenizer.pt")
+    ds = train.load_dataset(cfg, "train")
+    img = torch.stack([ds[i][0] for i in range(len(ds))])
+    cache = torch.load(run / "tokens.pt", weights_only=True)
+    assert torch.equal(cache["train"]["idx"].long(), torch.cat(tokenizer.img_to_idx(img), 1))
+    assert torch.equal(cache["train"]["idx_flip"].long(), torch.cat(tokenizer.img_to_idx(img.flip(-1)), 1))
