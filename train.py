@@ -504,17 +504,25 @@ class ImageFolder(torch.utils.data.Dataset):
     resize the shorter side to 1.125 x S (Lanczos), crop S x S (random when training, centre
     for evaluation), optional random flip, RGB, [-1, 1]."""
 
-    def __init__(self, root, image_size: int, hflip: bool = False, seed: int = 0):
+    def __init__(self, root, image_size: int, hflip: bool = False, seed: int = 0, classes=None):
+        """classes: the class names in label order (default: root's sorted sub-folders). The
+        validation split passes the training split's list, so label i names the same class."""
         from PIL import Image                          # Pillow ships with matplotlib
         self._Image = Image
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if not self.classes:
+        found = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not found:
             raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<image>")
+        self.classes = list(classes) if classes is not None else found
+        unknown = sorted(set(found) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{root} has class folders the training split lacks: {unknown[:5]}")
         self.files, labels = [], []
         for c, name in enumerate(self.classes):
+            if not (root / name).is_dir():
+                continue                               # a class absent from this split
             files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
                 raise ValueError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -627,7 +635,10 @@ def load_dataset(cfg: TrainConfig, split: str, download_ok: bool = True):
             raise _missing(f"image folder '{sub}'", [Path(cfg.data_dir) / sub],
                            f"--data_dir must hold {sub}/<class>/<image files> (for ImageNet, "
                            "the validation images sorted into class folders).")
-        ds = ImageFolder(Path(cfg.data_dir) / sub, cfg.image_size, hflip, cfg.seed)
+        classes = None
+        if split != "train":                           # label order = the training folders'
+            classes = sorted(d.name for d in (Path(cfg.data_dir) / "train").iterdir() if d.is_dir())
+        ds = ImageFolder(Path(cfg.data_dir) / sub, cfg.image_size, hflip, cfg.seed, classes)
     if cfg.subset:
         ds = _Subset(ds, cfg.subset)
     return ds
@@ -946,6 +957,9 @@ def tokenizer_config_for(cfg: TrainConfig, in_channels: int) -> TokenizerConfig:
 
 def load_trained_tokenizer(path, device="cpu") -> tuple[MultiScaleVQVAE, dict]:
     """RUN/tokenizer.pt -> (tokenizer in eval mode, checkpoint dict). Refuses an unfinished one."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist: train the tokenizer first "
+                                "(--stage tokenizer, or --stage all)")
     ck = load_checkpoint(path, "tokenizer")
     if not ck["done"]:
         raise ValueError(f"{path} is an unfinished tokenizer run (step {ck['step']} of "
@@ -975,12 +989,15 @@ def import_var_tokenizer(cfg: TrainConfig, d: DistInfo):
     if tok_cfg.image_size != cfg.image_size or tuple(cfg.patch_nums or tok_cfg.patch_nums) != tok_cfg.patch_nums:
         raise ValueError(f"VAR's tokenizer works at {tok_cfg.image_size}px with patch_nums "
                          f"{tok_cfg.patch_nums}; got --image_size {cfg.image_size} --patch_nums {cfg.patch_nums}")
+    model = model.to(d.device)
     if d.is_main:
         print(f"stage 1: imported VAR's tokenizer from {src}")
+        report_tokenizer_eval(eval_tokenizer(model, load_dataset(cfg, "test"), cfg.tok_batch,
+                                             cfg.eval_images, d.device), Path(cfg.out_dir))
         save_checkpoint(_tokenizer_payload(cfg, tok_cfg, model, None, 0, 0, [], [], True,
                                            source=str(src)), Path(cfg.out_dir) / "tokenizer.pt")
     barrier(d)
-    return model.to(d.device)
+    return model
 
 
 @torch.no_grad()
@@ -999,6 +1016,15 @@ def eval_tokenizer(model: MultiScaleVQVAE, ds, batch: int, limit: int, device) -
     return {"images": n, "psnr_db": float(torch.cat(psnrs).mean()),
             "codes_used": usage["used"].tolist(), "perplexity": [round(float(p), 2) for p in usage["perplexity"]],
             "patch_nums": list(model.cfg.patch_nums), "vocab_size": model.cfg.vocab_size}
+
+
+def report_tokenizer_eval(res: dict, run: Path) -> None:
+    """Print the stage-1 eval table and write it to RUN/tokenizer_eval.json."""
+    write_json(res, run / "tokenizer_eval.json")
+    print(f"stage 1 eval on {res['images']} test images: PSNR {res['psnr_db']:.2f} dB")
+    print("  per scale  pn: " + " ".join(f"{p:>6}" for p in res["patch_nums"]))
+    print("  codes used   : " + " ".join(f"{u:>6}" for u in res["codes_used"]))
+    print("  perplexity   : " + " ".join(f"{p:>6.1f}" for p in res["perplexity"]))
 
 
 def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -> MultiScaleVQVAE | None:
@@ -1095,12 +1121,7 @@ def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -
     recon_grid()
     model.eval().requires_grad_(False)
     if d.is_main:
-        res = eval_tokenizer(model, test_ds, cfg.tok_batch, cfg.eval_images, d.device)
-        write_json(res, run / "tokenizer_eval.json")
-        print(f"stage 1 eval on {res['images']} test images: PSNR {res['psnr_db']:.2f} dB")
-        print("  per scale  pn: " + " ".join(f"{p:>6}" for p in res["patch_nums"]))
-        print("  codes used   : " + " ".join(f"{u:>6}" for u in res["codes_used"]))
-        print("  perplexity   : " + " ".join(f"{p:>6.1f}" for p in res["perplexity"]))
+        report_tokenizer_eval(eval_tokenizer(model, test_ds, cfg.tok_batch, cfg.eval_images, d.device), run)
         save_loss_plot(history, run / "tokenizer_loss.png", "stage 1: tokenizer")
     barrier(d)
     return model
@@ -1133,12 +1154,15 @@ def split_scales(idx_BL: torch.Tensor, patch_nums) -> list:
 
 
 @torch.no_grad()
-def _encode(tokenizer, ds, indices, batch: int, device, flip: bool):
-    """Encode ds[i] for i in indices -> (idx (n, L) int16/int32, flipped copy or None)."""
+def _encode(tokenizer, ds, indices, batch: int, device, flip: bool, num_workers: int = 0):
+    """Encode ds[i] (evaluation view) for i in indices -> (idx (n, L) int16/int32, the same
+    for the mirrored images or None). Encoding runs in float32, so tokens are exact."""
     dtype = torch.int16 if tokenizer.cfg.vocab_size <= 2**15 else torch.int32
     out, out_flip = [], []
-    for s in range(0, len(indices), batch):
-        img = torch.stack([ds[i][0] for i in indices[s:s + batch]]).to(device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=batch,
+                                         num_workers=num_workers)
+    for img, _ in tqdm(loader, desc="encoding", leave=False, disable=len(loader) < 20):
+        img = img.to(device)
         out.append(torch.cat(tokenizer.img_to_idx(img), 1).to("cpu", dtype))
         if flip:
             out_flip.append(torch.cat(tokenizer.img_to_idx(img.flip(-1)), 1).to("cpu", dtype))
@@ -1147,7 +1171,7 @@ def _encode(tokenizer, ds, indices, batch: int, device, flip: bool):
     return cat(out), (cat(out_flip) if flip else None)
 
 
-def build_token_cache(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, batch: int = 64) -> dict:
+def build_token_cache(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE) -> dict:
     """RUN/tokens.pt: {"kind": "tokens", "tokenizer_sha256", "data", "train": {...}, "test": {...}}.
 
     Reused while the tokenizer checkpoint (by sha256) and the data settings are unchanged;
@@ -1157,9 +1181,7 @@ def build_token_cache(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE,
     run = Path(cfg.out_dir)
     path = run / "tokens.pt"
     digest = file_digest(run / "tokenizer.pt")
-    data_id = {k: getattr(cfg, k) for k in ("dataset", "image_size", "hflip", "subset", "seed",
-                                            "shapes_train", "shapes_test")}
-    data_id["data_dir"] = cfg.data_dir
+    data_id = {k: getattr(cfg, k) for k in DATA_FIELDS}
     if path.exists():
         try:
             cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -1175,15 +1197,18 @@ def build_token_cache(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE,
     for split in ("train", "test"):
         ds = load_dataset(cfg, split, download_ok=False)
         mine = list(range(d.rank, len(ds), d.world_size))
-        idx, idx_flip = _encode(tokenizer, ds, mine, batch, d.device, cfg.hflip and split == "train")
+        idx, idx_flip = _encode(tokenizer, ds, mine, cfg.tok_batch, d.device,
+                                cfg.hflip and split == "train", cfg.num_workers)
         labels = ds.labels[mine].clone()
-        save_checkpoint({"idx": idx, "idx_flip": idx_flip, "labels": labels}, run / f".tokens.{split}.part{d.rank}")
+        save_checkpoint({"idx": idx, "idx_flip": idx_flip, "labels": labels,
+                         "num_classes": ds.num_classes}, run / f".tokens.{split}.part{d.rank}")
     barrier(d)
     if d.is_main:
         cache = {"kind": "tokens", "tokenizer_sha256": digest, "data": data_id,
                  "patch_nums": list(tokenizer.cfg.patch_nums)}
         for split in ("train", "test"):
             parts = [torch.load(run / f".tokens.{split}.part{r}", weights_only=True) for r in range(d.world_size)]
+            cache["num_classes"] = parts[0]["num_classes"]
             merged = {}
             for key in ("idx", "idx_flip", "labels"):
                 if parts[0][key] is None:
@@ -1263,7 +1288,7 @@ def eval_generator(model, tokenizer, ds: TokenDataset, batch: int, limit: int, d
 
 @torch.no_grad()
 def sample_grid(model, tokenizer, cfg: TrainConfig, num_classes: int, path, device) -> None:
-    """A grid with samples_per_class rows... one column per class (first 10), fixed seed."""
+    """Sample grid PNG: one column per class (the first 10), samples_per_class rows, fixed seed."""
     was_training = model.training
     model.eval()
     classes = min(num_classes, 10)
@@ -1286,13 +1311,10 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
     if list(cache["patch_nums"]) != list(pns):
         raise ValueError(f"{run / 'tokens.pt'} holds patch_nums {cache['patch_nums']}, tokenizer has {pns}")
     train_ds, test_ds = TokenDataset(cache["train"], cfg.seed), TokenDataset(cache["test"])
-    num_classes = int(max(train_ds.labels.max(), test_ds.labels.max())) + 1
-    if cfg.dataset in ("fashion-mnist", "cifar10"):
-        num_classes = 10
-    elif cfg.dataset == "shapes":
-        num_classes = len(SHAPE_CLASSES)
+    num_classes = cache["num_classes"]
     mcfg = model_config_for(cfg, tokenizer.cfg, num_classes)
     check_labels(train_ds.labels, num_classes, "token cache (train)")
+    check_labels(test_ds.labels, num_classes, "token cache (test)")
 
     if cfg.gen_batch % (d.world_size * cfg.grad_accum):
         raise ValueError(f"--gen_batch {cfg.gen_batch} must be divisible by processes x grad_accum "

@@ -310,3 +310,18 @@ def test_sampler_epochs_shards_and_resume():
         train.ShardedSampler(5, 8)
     with pytest.raises(ValueError, match="not divisible"):
         train.ShardedSampler(50, 10, world_size=3)
+
+
+def test_image_folder_val_uses_training_label_order(tmp_path):
+    write_folder(tmp_path / "train", "PNG")
+    write_folder(tmp_path / "val", "PNG", seed=1)
+    for p in (tmp_path / "val" / "apple").iterdir():         # val lacks one class ...
+        p.unlink()
+    (tmp_path / "val" / "apple").rmdir()
+    cfg = train.make_config(dataset="folder", data_dir=str(tmp_path), image_size=32)
+    val = train.load_dataset(cfg, "test")
+    assert val.classes == ["apple", "mango", "zebra"]
+    assert sorted(set(val.labels.tolist())) == [1, 2]          # ... yet mango is still 1
+    (tmp_path / "val" / "kiwi").mkdir()                        # a class training never saw
+    with pytest.raises(ValueError, match="kiwi"):
+        train.load_dataset(cfg, "test")
