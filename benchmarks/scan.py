@@ -1,12 +1,20 @@
 """Benchmark: the sequential SSM loop vs the chunked parallel scan (mvar.py section 1).
 
-Prints, for each sequence length L and each method (loop; parallel with chunk sizes Q), the
-median wall time and the peak memory of a forward pass (under torch.no_grad, as when sampling)
-and of a forward + backward pass (as in training), plus the loop / parallel ratios.
+Prints, for each sequence length L and each method (loop = ssd_scan_sequential; chunk Q =
+ssd_scan_parallel with chunk_size Q), the median wall time and the peak memory of a forward pass
+(under torch.no_grad, as when sampling) and of a forward + backward pass (as in training), the
+loop / parallel ratios, and a lower bound ("floor") for the parallel scan on this machine.
 
-    python benchmarks/scan.py                 # default problem: B=8 H=8 P=64 N=64 fp32, ~3-5 min
+    python benchmarks/scan.py                 # default: B=8 H=8 P=64 N=64 fp32, L=130,680,2240
     python benchmarks/scan.py --quick         # L=130,680, chunk 64 only, fewer repeats
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/scan.py   # see "allocator" below
+    python benchmarks/scan.py --threads 1     # fairer on a machine shared with other jobs
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/scan.py   # see "Allocator" below
+
+Time: median of up to --repeats runs after one untimed run; a case stops repeating once it has
+used --budget seconds (the loop at L=2240 with backward: one run of up to a minute on a 2-core
+VM), so the default table takes a few minutes. On a machine shared with other jobs, 2 threads
+that wait on each other are slowed far more than 1, and the loop (thousands of small ops) more
+than the parallel scan (a few large ones): --threads 1 gives the fairer ratio there.
 
 How memory is measured. torch allocates CPU tensors with the C allocator, which Python's
 tracemalloc does not see, so the script measures the process itself. Every case runs in a fresh
@@ -15,7 +23,9 @@ and builds the inputs, then resets the kernel's peak-RSS counter (writing 5 to
 /proc/self/clear_refs, Linux >= 4.0), notes the resident set size, runs the case once, and reads
 the peak (VmHWM in /proc/self/status). Peak minus start is the memory the case needed on top of
 its inputs: activations kept for backward, temporaries, gradients. It can only under-count a
-little (pages the allocator already held and reused). On CUDA, torch.cuda.max_memory_allocated.
+little (pages the allocator already held and reused), or over-count what the tensors need by
+the allocator's fragmentation (which is real memory all the same). On CUDA:
+torch.cuda.max_memory_allocated.
 
 The floor. A rough lower bound for the time of the chunked algorithm: max(FLOPs / matmul rate,
 bytes / memory bandwidth), with the rate and bandwidth measured on this machine right before the
@@ -97,19 +107,22 @@ def run_case(case):
     else:
         Path("/proc/self/clear_refs").write_text("5")         # peak RSS := current RSS
         base = proc_status_bytes("VmRSS")
+    t0 = time.perf_counter()
     run_once(fn, args, backward)
     sync(dev)
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else proc_status_bytes("VmHWM")
     peak -= base
-    times = []
-    for _ in range(case["repeats"]):
+    cold = time.perf_counter() - t0
+    times = []           # timed repeats; a slow case (the loop at large L) stops at the budget
+    while len(times) < case["repeats"] and cold + sum(times) < case["budget_s"]:
         for a in args:
             a.grad = None
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         run_once(fn, args, backward)
         sync(dev)
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
+        times.append(time.perf_counter() - t1)
+    times = times or [cold]
+    return {"median_s": statistics.median(times), "runs": len(times), "peak_bytes": peak}
 
 
 def measure_machine(device, threads):
@@ -149,7 +162,9 @@ def main():
     ap.add_argument("--headdim", type=int, default=64)
     ap.add_argument("--dstate", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
-    ap.add_argument("--loop-repeats", type=int, default=3, help="timed runs for the slow loop")
+    ap.add_argument("--budget", type=float, default=20.0,
+                    help="seconds per case: stop repeating past this (then the median of fewer "
+                         "runs, or the one memory-measuring run if that alone took longer)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="L=130,680, chunk 64, 3 repeats")
@@ -159,7 +174,7 @@ def main():
         print(json.dumps(run_case(json.loads(args.case))))
         return
     if args.quick:
-        args.lengths, args.chunks, args.repeats, args.loop_repeats = [130, 680], [64], 3, 2
+        args.lengths, args.chunks, args.repeats = [130, 680], [64], 3
 
     b, h, p, n = args.batch, args.heads, args.headdim, args.dstate
     tunables = os.environ.get("GLIBC_TUNABLES", "")
@@ -181,8 +196,7 @@ def main():
         for name, q in methods:
             for mode in ("fwd", "fwd+bwd"):
                 case = dict(L=l, chunk=q, mode=mode, b=b, h=h, p=p, n=n, device=args.device,
-                            threads=args.threads,
-                            repeats=args.loop_repeats if q == 0 else args.repeats)
+                            threads=args.threads, repeats=args.repeats, budget_s=args.budget)
                 out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
                                      capture_output=True, text=True, check=True)
                 res[name, mode] = json.loads(out.stdout.strip().splitlines()[-1])
