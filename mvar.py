@@ -17,16 +17,23 @@ Shape letters used in comments and docstrings:
   N  SSM state size (d_state)   Q  chunk size of the parallel scan
   K  number of chunks (L / Q, after padding); in the model K is also the number of scales
   D  model width (d_model)      (in the scan, D is the per-head skip weight, shape (H,))
+In the model (sections 3-7), following VAR's code:
+  C  model width (= D above)    V  codebook size (vocab_size)     Cvae  tokenizer latent channels
+  pn side of one scale's token map; n = pn^2 tokens of that scale; K scales, L = sum of n
 In the scan's einsum strings the same letters are lower case, plus c (chunk), i, j (positions in
 a chunk: i = output/target, j = input/source) and r (head within its group, r = H // G of them).
 """
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tokenizer import load_state_dict_checked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,3 +385,521 @@ class Mamba2(nn.Module):
 
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y), Mamba2State(conv_state, ssm_state)
+
+# =====================================================================================
+# 3. Configuration
+# =====================================================================================
+# One dataclass holds every choice that changes the network. The defaults are M-VAR-d16 on
+# ImageNet 256 (SPEC §4.3); `depth` drives the rest (width = 64*depth, heads = depth), exactly
+# like VAR's size rule, so "d16" or "d20" names a whole model.
+
+
+@dataclass
+class MVARConfig:
+    arch: str = "mvar"            # "mvar" (attention inside a scale + Mamba-2 across scales) or "var"
+    depth: int = 16               # number of blocks
+    width: int = 0                # C; 0 means 64 * depth
+    num_heads: int = 0            # attention heads; 0 means depth
+    num_classes: int = 1000
+    vocab_size: int = 4096        # V, must equal the tokenizer's codebook size
+    Cvae: int = 32                # tokenizer latent channels (the teacher input's last dim)
+    patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    mlp_ratio: float = 4.0
+    cond_drop: float = 0.1        # probability of replacing the class by the null class (CFG)
+    attn_l2_norm: bool = True     # cosine attention with a learned per-head temperature
+    drop_path: float = -1.0       # max drop-path rate; < 0 means 0.1 * depth / 24 (SPEC §4.3)
+    alng: float = 1e-3            # init scale of the AdaLN gate rows (VAR's `alng`)
+    aln: float = 0.5              # init scale of the AdaLN scale/shift rows (VAR's `aln`)
+    head_init: float = 0.02       # init scale of the output head (VAR's `hd`)
+    # Mamba-2 settings (SPEC §4.2); d_inner = expand * width, heads = d_inner / headdim.
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    scan_chunk: int = 64
+
+    def __post_init__(self):
+        self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        if self.arch not in ("mvar", "var"):
+            raise ValueError(f"arch must be 'mvar' or 'var', got {self.arch!r}")
+        if self.width <= 0:
+            self.width = 64 * self.depth
+        if self.num_heads <= 0:
+            self.num_heads = self.depth
+        if self.drop_path < 0:
+            self.drop_path = 0.1 * self.depth / 24
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.arch == "mvar" and (self.expand * self.width) % self.headdim:
+            raise ValueError(f"Mamba d_inner = expand*width = {self.expand * self.width} is not "
+                             f"divisible by headdim {self.headdim}; change headdim or width")
+        pn = self.patch_nums
+        if len(pn) < 2 or any(b <= a for a, b in zip(pn, pn[1:])) or pn[0] < 1:
+            raise ValueError(f"patch_nums must be at least two strictly increasing positive sizes, "
+                             f"got {pn}")
+
+    @property
+    def seq_len(self) -> int:
+        """L = sum of pn^2 over scales (680 for the 256px pyramid, 2240 for 512px)."""
+        return sum(p * p for p in self.patch_nums)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MVARConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MVARConfig fields {unknown}: the checkpoint comes from a "
+                             f"newer or different version of mvar.py")
+        return cls(**d)
+
+
+def scale_spans(patch_nums) -> list:
+    """[(start, end)] of each scale's tokens in the flattened sequence, e.g. (1,2,3) ->
+    [(0,1), (1,5), (5,14)]."""
+    spans, start = [], 0
+    for pn in patch_nums:
+        spans.append((start, start + pn * pn))
+        start += pn * pn
+    return spans
+
+
+# =====================================================================================
+# 4. Attention: inside one scale (M-VAR) or over all coarser scales (VAR)
+# =====================================================================================
+# M-VAR's observation (paper §3.2, Fig. 2): in VAR's block-causal attention most of a token's
+# attention mass stays inside its own scale. So M-VAR's attention is *intra-scale*: token i of
+# scale k attends to exactly the n_k = pn_k^2 tokens of scale k, in both directions, and the
+# coarse-to-fine information flow is left to Mamba. The mask would be block-diagonal; instead
+# of building an L x L mask and wasting (sum n_k)^2 work we run one small attention per scale,
+# which costs sum n_k^2 query-key pairs (for the 256px pyramid: 89,320 pairs ... vs VAR's
+# block-causal 399,320; see `attention_pairs`).
+#
+# VAR's attention is block-causal: a token sees its own scale and all coarser ones. The same
+# per-scale loop expresses it: the queries of scale k attend to keys [0, end_k). While
+# sampling, the keys of earlier scales come from a KV cache.
+
+
+def attention_pairs(patch_nums, arch: str) -> int:
+    """Number of query-key pairs one attention layer computes over the full sequence."""
+    total, seen = 0, 0
+    for pn in patch_nums:
+        n = pn * pn
+        seen += n
+        total += n * (n if arch == "mvar" else seen)
+    return total
+
+
+class ScaleAttention(nn.Module):
+    """Multi-head self-attention evaluated scale by scale.
+
+    Parameter names follow VAR / M-VAR checkpoints: `mat_qkv` (no bias), `q_bias`, `v_bias`
+    (k has no bias: a constant added to every key cancels in the softmax), `proj`, and with
+    `l2_norm` the learned per-head log-temperature `scale_mul_1H11`.
+    """
+
+    def __init__(self, C: int, num_heads: int, l2_norm: bool, block_causal: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, C // num_heads
+        self.block_causal = block_causal   # True: VAR (sees coarser scales); False: M-VAR
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.proj = nn.Linear(C, C)
+        self.l2_norm = l2_norm
+        if l2_norm:
+            # Cosine attention (VAR): q and k are unit vectors, the logit scale is learned per
+            # head, initialised at 4 and clamped at 100 for stability.
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+            self.scale = 1.0
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)   # VAR's choice (smaller than 1/sqrt(d))
+
+    def forward(self, x, spans, kv_cache=None):
+        """x: (B, L, C) holding the scales listed in `spans` ([(start, end)] into x).
+        kv_cache (VAR sampling only): (k, v) of all earlier scales, each (B, H, L_prev, hd).
+        Returns (B, L, C) and the updated cache (None unless a cache was given)."""
+        B, L, C = x.shape
+        H, hd = self.num_heads, self.head_dim
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                        # each (B, H, L, hd)
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
+            k = F.normalize(k, dim=-1)
+        offset = 0                       # number of cached tokens in front of x
+        if kv_cache is not None:
+            offset = kv_cache[0].shape[2]
+            k = torch.cat([kv_cache[0], k], dim=2)
+            v = torch.cat([kv_cache[1], v], dim=2)
+            kv_cache = (k, v)
+        outs = []
+        for start, end in spans:
+            # M-VAR: keys of this scale only. VAR: keys of this scale and every coarser one.
+            k_start = 0 if self.block_causal else offset + start
+            outs.append(F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, k_start:offset + end], v[:, :, k_start:offset + end],
+                scale=self.scale))
+        out = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, L, C)
+        return self.proj(out), kv_cache
+
+
+class FFN(nn.Module):
+    """fc1 -> tanh-GELU -> fc2 (VAR's MLP, ratio 4)."""
+
+    def __init__(self, C: int, mlp_ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(C, int(C * mlp_ratio))
+        self.fc2 = nn.Linear(int(C * mlp_ratio), C)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def drop_path(x, rate: float, training: bool):
+    """Stochastic depth: drop a whole residual branch for some samples. x: (B, ...)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+# =====================================================================================
+# 5. The AdaLN block: attention inside a scale, Mamba-2 across scales, FFN
+# =====================================================================================
+# Paper §3.2, Eq. (4)-(6), SPEC §4.3:
+#   x += g1 * Attn (LN(x) * (1 + s1) + b1)     intra-scale, bidirectional
+#   x += g2 * Mamba(LN(x) * (1 + s2) + b2)     inter-scale, causal over the whole sequence
+#   x += g3 * FFN  (LN(x) * (1 + s3) + b3)
+# The 9 modulation vectors come from the class embedding through `ada_lin` (SiLU + Linear),
+# ordered g1,g2,g3, s1,s2,s3, b1,b2,b3. LN has no affine parameters: AdaLN supplies them.
+# The VAR block is the same without the Mamba line (6 vectors: g1,g2, s1,s2, b1,b2).
+
+
+class MambaPrefix(NamedTuple):
+    """Sampling cache of the official M-VAR method: every earlier Mamba input, (B, L_prev, C)."""
+    inputs: torch.Tensor
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MVARConfig, drop_path_rate: float):
+        super().__init__()
+        C = cfg.width
+        self.is_mvar = cfg.arch == "mvar"
+        self.num_branches = 3 if self.is_mvar else 2
+        self.drop_path_rate = drop_path_rate
+        self.attn = ScaleAttention(C, cfg.num_heads, cfg.attn_l2_norm, block_causal=not self.is_mvar)
+        if self.is_mvar:
+            self.mamba = Mamba2(C, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                                headdim=cfg.headdim, chunk_size=cfg.scan_chunk)
+        self.ffn = FFN(C, cfg.mlp_ratio)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 3 * self.num_branches * C))
+
+    def forward(self, x, cond_BC, spans, cache=None):
+        """x: (B, L, C) tokens of the scales in `spans`; cond_BC: (B, C) class embedding.
+        cache: None while training. While sampling, what this block carries from earlier
+        scales: M-VAR -> the Mamba2State (fixed size); VAR -> the attention KV cache (grows);
+        M-VAR with mamba_mode="rerun" -> MambaPrefix (all earlier Mamba inputs).
+        Returns (x, cache)."""
+        B, L, C = x.shape
+        n = self.num_branches
+        mods = self.ada_lin(cond_BC).view(B, 1, 3 * n, C)
+        gates, scales, shifts = mods[:, :, :n], mods[:, :, n:2 * n], mods[:, :, 2 * n:]
+
+        def modulated(i):     # LN(x) * (1 + s_i) + b_i
+            return F.layer_norm(x, (C,), eps=1e-6) * (1 + scales[:, :, i]) + shifts[:, :, i]
+
+        def add(branch_out, i):
+            return x + drop_path(branch_out * gates[:, :, i], self.drop_path_rate, self.training)
+
+        attn_cache = cache if not self.is_mvar else None
+        a, attn_cache = self.attn(modulated(0), spans, attn_cache)
+        x = add(a, 0)
+        if self.is_mvar:
+            m_in = modulated(1)
+            if isinstance(cache, MambaPrefix):
+                # The official M-VAR sampler: keep every earlier Mamba input and re-run the
+                # layer over the whole prefix at each scale (cost grows with the prefix).
+                prefix = torch.cat([cache.inputs, m_in], dim=1)
+                m_out = self.mamba(prefix)[0][:, -L:]
+                cache = MambaPrefix(prefix)
+            else:
+                # This project's sampler (and training, with cache=None): carry the state.
+                m_out, cache = self.mamba(m_in, cache)
+            x = add(m_out, 1)
+        else:
+            cache = attn_cache
+        x = add(self.ffn(modulated(n - 1)), n - 1)
+        return x, cache
+
+
+class AdaLNBeforeHead(nn.Module):
+    """LN(x) * (1 + s) + b with (s, b) from the class embedding (VAR's `head_nm`)."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def forward(self, x, cond_BC):
+        """x: (B, L, C), cond_BC: (B, C) -> (B, L, C)."""
+        scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x.shape[-1]).unbind(2)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+
+# =====================================================================================
+# 6. The model
+# =====================================================================================
+
+
+class MVAR(nn.Module):
+    """Class-conditional scale-wise autoregressive generator (M-VAR, or VAR with arch="var").
+
+    Sequence layout (SPEC §4.3): L = sum pn^2 tokens, scale 0 first. The input of scale 0 is
+    the class token (its `pn0^2` positions share it); the input of scale k > 0 is the
+    tokenizer's running reconstruction f_hat after scales < k, area-downsampled to pn_k x pn_k
+    (the "teacher input"), so predicting scale k never sees scale k's own tokens.
+    """
+
+    def __init__(self, cfg: MVARConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, K, L = cfg.width, len(cfg.patch_nums), cfg.seq_len
+        first = cfg.patch_nums[0] ** 2
+        self.spans = scale_spans(cfg.patch_nums)
+        init_std = math.sqrt(1 / C / 3)
+
+        self.word_embed = nn.Linear(cfg.Cvae, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)   # last row: the null class
+        self.pos_start = nn.Parameter(torch.empty(1, first, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
+        self.lvl_embed = nn.Embedding(K, C)
+        # Scale id of every position; not saved (official checkpoints carry it as `lvl_1L`).
+        lvl = torch.cat([torch.full((p * p,), k) for k, p in enumerate(cfg.patch_nums)])
+        self.register_buffer("lvl_1L", lvl.view(1, L), persistent=False)
+
+        # drop-path rate grows linearly with depth: 0 for the first block, cfg.drop_path last
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.head_nm = AdaLNBeforeHead(C)
+        self.head = nn.Linear(C, cfg.vocab_size)
+        self._init_weights(init_std)
+
+    # ----- initialisation (VAR's recipe, SPEC §4.3) -------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, std: float):
+        cfg, C = self.cfg, self.cfg.width
+        for m in self.modules():
+            if isinstance(m, nn.Linear):          # includes Mamba's in_proj and out_proj
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        nn.init.trunc_normal_(self.pos_1LC, std=std)
+        self.head.weight.mul_(cfg.head_init)
+        self.head_nm.ada_lin[-1].weight.mul_(cfg.aln)
+        residual_div = math.sqrt(2 * cfg.depth)   # keep the residual stream's variance ~ depth-free
+        for block in self.blocks:
+            block.attn.proj.weight.div_(residual_div)
+            block.ffn.fc2.weight.div_(residual_div)
+            if block.is_mvar:
+                block.mamba.out_proj.weight.div_(residual_div)
+            n = block.num_branches
+            block.ada_lin[-1].weight[:n * C].mul_(cfg.alng)    # gates start near 0
+            block.ada_lin[-1].weight[n * C:].mul_(cfg.aln)     # scales and shifts
+
+    # ----- helpers -----------------------------------------------------------------------
+    def _check_labels(self, labels, allow_null: bool):
+        top = self.cfg.num_classes + (1 if allow_null else 0)
+        if labels.dtype not in (torch.int64, torch.int32) or labels.ndim != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} "
+                             f"of shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= top):
+            raise ValueError(f"class labels must be in [0, {self.cfg.num_classes - 1}] "
+                             f"(the model has num_classes={self.cfg.num_classes}); got "
+                             f"min {labels.min().item()}, max {labels.max().item()}")
+
+    def _logits(self, x, cond_BC):
+        """(B, l, C) -> float32 logits (B, l, V)."""
+        return self.head(self.head_nm(x, cond_BC)).float()
+
+    # ----- teacher-forced forward (training and evaluation) -----------------------------
+    def forward(self, labels, teacher_input):
+        """labels: (B,) in [0, num_classes] (num_classes = the null class);
+        teacher_input: (B, L - pn0^2, Cvae) from tokenizer.idx_to_teacher_input.
+        Returns logits (B, L, V). In train mode each label is replaced by the null class
+        with probability cond_drop, which teaches the unconditional model used by CFG."""
+        cfg = self.cfg
+        self._check_labels(labels, allow_null=True)
+        B, first = labels.shape[0], cfg.patch_nums[0] ** 2
+        if teacher_input.shape[1:] != (cfg.seq_len - first, cfg.Cvae):
+            raise ValueError(f"teacher_input must be (B, {cfg.seq_len - first}, {cfg.Cvae}) for "
+                             f"patch_nums {cfg.patch_nums}, got {tuple(teacher_input.shape)}")
+        if self.training and cfg.cond_drop > 0:
+            drop = torch.rand(B, device=labels.device) < cfg.cond_drop
+            labels = torch.where(drop, torch.full_like(labels, cfg.num_classes), labels)
+        cond_BC = self.class_emb(labels)
+        sos = cond_BC.unsqueeze(1) + self.pos_start                  # (B, first, C)
+        x = torch.cat([sos, self.word_embed(teacher_input.to(sos.dtype))], dim=1)
+        x = x + self.lvl_embed(self.lvl_1L) + self.pos_1LC           # (B, L, C)
+        for block in self.blocks:
+            x, _ = block(x, cond_BC, self.spans)
+        return self._logits(x, cond_BC)
+
+    # ----- sampling (SPEC §4.3 "Sampling") ------------------------------------------------
+    @torch.no_grad()
+    def sample_tokens(self, tokenizer, labels, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
+                      generator=None, mamba_mode="carry", return_scales=False, return_logits=False):
+        """Generate token maps scale by scale. labels: (B,) class ids.
+
+        Only the new scale's tokens go through the blocks; what they need from earlier scales
+        is carried per block: the Mamba2State (M-VAR, fixed size), or the attention KV cache
+        (VAR, grows with the prefix). mamba_mode="rerun" instead re-runs Mamba over the whole
+        prefix at every scale, as the official M-VAR sampler does (same result, more work).
+
+        Returns a dict: "idx" list of K (B, pn^2) token maps, "f_hat" (B, Cvae, h, w), and if
+        asked "scales" (the f_hat after each scale) and "logits" (per scale, the raw (2B, n, V)
+        logits of the conditional and null halves when cfg > 0, else (B, n, V))."""
+        c = self.cfg
+        self._check_labels(labels, allow_null=False)
+        tok_pn = tuple(tokenizer.cfg.patch_nums)
+        if tok_pn != c.patch_nums or tokenizer.cfg.vocab_size != c.vocab_size:
+            raise ValueError(f"tokenizer (patch_nums {tok_pn}, vocab {tokenizer.cfg.vocab_size}) "
+                             f"does not match the generator (patch_nums {c.patch_nums}, vocab "
+                             f"{c.vocab_size}); load the tokenizer the generator was trained with")
+        if mamba_mode not in ("carry", "rerun"):
+            raise ValueError(f"mamba_mode must be 'carry' or 'rerun', got {mamba_mode!r}")
+        B, K = labels.shape[0], len(c.patch_nums)
+        use_cfg = cfg > 0
+        if use_cfg:   # one batch: conditional half, then the null class half
+            labels = torch.cat([labels, torch.full_like(labels, c.num_classes)])
+        cond_BC = self.class_emb(labels)
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC                 # (1, L, C)
+        x = cond_BC.unsqueeze(1) + self.pos_start + lvl_pos[:, :c.patch_nums[0] ** 2]
+
+        def empty_cache(block):   # what each block carries before the first scale
+            if not block.is_mvar:   # VAR: an empty KV cache, k and v each (B, H, 0, hd)
+                kv = x.new_zeros(x.shape[0], c.num_heads, 0, c.width // c.num_heads)
+                return (kv, kv)
+            if mamba_mode == "rerun":
+                return MambaPrefix(x.new_zeros(x.shape[0], 0, c.width))
+            return None             # Mamba starts from the zero state
+
+        caches = [empty_cache(b) for b in self.blocks]
+        f_hat, out = None, {"idx": [], "scales": [], "logits": []}
+        codebook = tokenizer.quantize.embedding.weight                        # (V, Cvae)
+        for k, pn in enumerate(c.patch_nums):
+            span = [(0, pn * pn)]
+            for i, block in enumerate(self.blocks):
+                x, caches[i] = block(x, cond_BC, span, caches[i])
+            logits = self._logits(x, cond_BC)                                  # (2B or B, n, V)
+            if return_logits:
+                out["logits"].append(logits)
+            ratio = k / (K - 1)
+            if use_cfg:   # classifier-free guidance, strength ramped linearly over scales
+                t = cfg * ratio
+                logits = (1 + t) * logits[:B] - t * logits[B:]
+            if more_smooth:   # soft (gumbel-softmax) code mixture: smoother pictures, not for FID
+                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+                probs = gumbel_softmax(logits * (1 + ratio), tau, generator)
+                h = (probs @ codebook).transpose(1, 2).reshape(B, c.Cvae, pn, pn)
+                idx = probs.argmax(-1)
+            else:
+                idx = sample_top_k_top_p(logits, top_k, top_p, generator)      # (B, n)
+                h = tokenizer.embed_scale(idx, k)
+            out["idx"].append(idx)
+            f_hat, next_in = tokenizer.next_input(k, f_hat, h)
+            if return_scales:
+                out["scales"].append(f_hat.clone())
+            if k + 1 < K:
+                start = sum(p * p for p in c.patch_nums[:k + 1])
+                n_next = c.patch_nums[k + 1] ** 2
+                x = self.word_embed(next_in.flatten(2).transpose(1, 2)) + lvl_pos[:, start:start + n_next]
+                if use_cfg:
+                    x = torch.cat([x, x])
+        out["f_hat"] = f_hat
+        return out
+
+    @torch.no_grad()
+    def generate(self, tokenizer, labels, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
+                 generator=None, return_scales=False, mamba_mode="carry"):
+        """Sample images for `labels` (B,). Returns images (B, C, H, W) in [0, 1]; with
+        return_scales also a list of K such batches, the picture decoded after each scale."""
+        out = self.sample_tokens(tokenizer, labels, cfg, top_k, top_p, more_smooth, generator,
+                                 mamba_mode, return_scales=return_scales)
+        to01 = lambda f: tokenizer.fhat_to_img(f).add(1).mul(0.5).clamp(0, 1)
+        images = to01(out["f_hat"])
+        if return_scales:
+            return images, [to01(f) for f in out["scales"]]
+        return images
+
+
+# =====================================================================================
+# 7. Sampling helpers, loss and checkpoint loading
+# =====================================================================================
+
+
+def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
+    """Draw one token per position. logits: (B, n, V) -> (B, n) LongTensor.
+    top_k > 0 keeps the k most likely tokens; 0 < top_p < 1 keeps the smallest set of most
+    likely tokens whose probability reaches top_p (always at least the most likely one)."""
+    B, n, V = logits.shape
+    logits = logits.float().clone()
+    if top_k > 0:
+        kth_best = logits.topk(min(top_k, V), dim=-1).values[..., -1:]
+        logits[logits < kth_best] = -math.inf
+    if 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens *before* it already reach top_p: the best one stays
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits.scatter_(-1, order, sorted_logits.masked_fill(drop_sorted, -math.inf))
+    probs = logits.softmax(-1).view(B * n, V)
+    return torch.multinomial(probs, 1, generator=generator).view(B, n)
+
+
+def gumbel_softmax(logits, tau, generator=None):
+    """Soft sample: softmax((logits + Gumbel noise) / tau) over the last dim, seedable."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1 - 1e-10)
+    return ((logits.float() - torch.log(-torch.log(u))) / tau).softmax(-1)
+
+
+def compute_loss(logits, idx_list):
+    """Cross-entropy over all L tokens (uniform weight) and per-scale top-1 accuracy.
+    logits: (B, L, V); idx_list: K LongTensors (B, pn^2). Returns (loss, acc (K,))."""
+    target = torch.cat(idx_list, dim=1)                                     # (B, L)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == target).float()                         # (B, L)
+        acc, start = [], 0
+        for idx in idx_list:
+            acc.append(hit[:, start:start + idx.shape[1]].mean())
+            start += idx.shape[1]
+    return loss, torch.stack(acc)
+
+
+# Buffers the official checkpoints carry that this implementation computes instead.
+_OFFICIAL_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "patch_nums")
+
+
+def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> dict:
+    """Load a released M-VAR / VAR generator `.pth` into `model` (strict).
+
+    The buffers in _OFFICIAL_BUFFERS are ignored (this file recomputes them); any other
+    difference raises a ValueError naming the missing, unexpected and wrongly shaped
+    parameters. Returns {"loaded": number of tensors, "ignored_buffers": [names]}."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
+        sd = torch.load(sd, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):   # some releases nest the weights one level down
+        if isinstance(sd.get(wrapper), dict) and "head.weight" not in sd:
+            sd = sd[wrapper]
+    ignored = sorted(k for k in sd if k.rsplit(".", 1)[-1] in _OFFICIAL_BUFFERS)
+    sd = {k: v for k, v in sd.items() if k not in ignored}
+    load_state_dict_checked(model, sd, what=f"{model.cfg.arch} generator",
+                            hint="check --arch, depth, patch_nums and vocab_size")
+    return {"loaded": len(sd), "ignored_buffers": ignored}
