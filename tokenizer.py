@@ -33,7 +33,6 @@ dead-code restart) -> usage statistics -> checkpoint loading.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -79,14 +78,16 @@ class TokenizerConfig:
                    `MultiScaleVQVAE.restart_dead_codes`).
     """
 
-    image_size: int = 32
-    in_channels: int = 3
-    ch: int = 64
-    ch_mult: Tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    z_channels: int = 32
-    vocab_size: int = 512
-    patch_nums: Tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    # architecture: no defaults, take them from a preset (`tokenizer_config`)
+    image_size: int
+    in_channels: int
+    ch: int
+    ch_mult: Tuple[int, ...]
+    num_res_blocks: int
+    z_channels: int
+    vocab_size: int
+    patch_nums: Tuple[int, ...]
+    # quantizer (VAR's defaults) and training-only knobs
     beta: float = 0.25
     quant_resi: float = 0.5
     share_quant_resi: int = 4
