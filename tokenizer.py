@@ -130,6 +130,11 @@ class TokenizerConfig:
         if not 1 <= self.share_quant_resi <= len(pns):
             bad(f"share_quant_resi must be between 1 and len(patch_nums)={len(pns)}, "
                 f"got {self.share_quant_resi}")
+        used_phis = {phi_index(k, len(pns), self.share_quant_resi) for k in range(len(pns))}
+        if len(used_phis) != self.share_quant_resi:
+            # an unused conv would be a dead parameter (and an error under DDP)
+            bad(f"share_quant_resi={self.share_quant_resi} with {len(pns)} scales leaves phi conv(s) "
+                f"{sorted(set(range(self.share_quant_resi)) - used_phis)} unused; choose fewer phi convs")
         if not 0.0 <= self.quant_resi <= 1.0:
             bad(f"quant_resi must be in [0, 1], got {self.quant_resi}")
         if self.beta < 0:

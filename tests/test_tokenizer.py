@@ -455,6 +455,7 @@ def test_wrong_image_size_and_channels_are_clear_errors():
     (dict(image_size=17), r"image_size=17 must be divisible by 2\*\*\(len\(ch_mult\)-1\)=2"),
     (dict(ch=48), "divisible by 32"),
     (dict(share_quant_resi=9), "share_quant_resi"),
+    (dict(share_quant_resi=6, patch_nums=(1, 2, 3, 4, 5, 6, 8)), r"leaves phi conv\(s\) \[4\] unused"),
     (dict(quant_resi=1.5), "quant_resi"),
 ])
 def test_bad_config_is_a_clear_error(overrides, pattern):
