@@ -11,8 +11,9 @@ loop / parallel ratios, and a lower bound ("floor") for the parallel scan on thi
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/scan.py   # see "Allocator" below
 
 Time: median of up to --repeats runs after one untimed run; a case stops repeating once it has
-used --budget seconds (the loop at L=2240 with backward: one run of up to a minute on a 2-core
-VM), so the default table takes a few minutes. On a machine shared with other jobs, 2 threads
+used --budget seconds, and is stopped after --timeout seconds (shown as ">"): the loop at
+L=2240 with backward allocates ~7 GB and takes from a minute to several on a busy 2-core VM.
+The default table takes 3-5 minutes. On a machine shared with other jobs, 2 threads
 that wait on each other are slowed far more than 1, and the loop (thousands of small ops) more
 than the parallel scan (a few large ones): --threads 1 gives the fairer ratio there.
 
@@ -165,6 +166,8 @@ def main():
     ap.add_argument("--budget", type=float, default=20.0,
                     help="seconds per case: stop repeating past this (then the median of fewer "
                          "runs, or the one memory-measuring run if that alone took longer)")
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds: a case still running is stopped and shown as '>' this")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="L=130,680, chunk 64, 3 repeats")
@@ -197,23 +200,39 @@ def main():
             for mode in ("fwd", "fwd+bwd"):
                 case = dict(L=l, chunk=q, mode=mode, b=b, h=h, p=p, n=n, device=args.device,
                             threads=args.threads, repeats=args.repeats, budget_s=args.budget)
-                out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
-                                     capture_output=True, text=True, check=True)
-                res[name, mode] = json.loads(out.stdout.strip().splitlines()[-1])
+                try:
+                    out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
+                                         capture_output=True, text=True, check=True,
+                                         timeout=args.timeout)
+                    res[name, mode] = json.loads(out.stdout.strip().splitlines()[-1])
+                except subprocess.TimeoutExpired:   # a lower bound on the time, memory unknown
+                    res[name, mode] = {"median_s": args.timeout, "peak_bytes": None}
         for name, q in methods:
-            f, fb = res[name, "fwd"], res[name, "fwd+bwd"]
-            lf, lfb = res["loop", "fwd"], res["loop", "fwd+bwd"]
-            floor = "-"
-            if q:
-                fl_f, fl_fb = floors(b, l, h, p, n, q, rate, bw)
-                floor = f"{fl_f * 1e3:7.1f}, {fl_fb * 1e3:7.1f}"
-            print(f"{l:>5} {name:>9} | {f['median_s'] * 1e3:8.1f} {f['peak_bytes'] / 2**20:6.0f} | "
-                  f"{fb['median_s'] * 1e3:10.1f} {fb['peak_bytes'] / 2**20:6.0f} | "
-                  f"{lf['median_s'] / f['median_s']:13.1f}x "
-                  f"{lfb['median_s'] / fb['median_s']:7.1f}x "
-                  f"{lfb['peak_bytes'] / max(fb['peak_bytes'], 1):6.1f}x | {floor:>17}", flush=True)
+            print(table_row(l, name, q, res, floors(b, l, h, p, n, q, rate, bw) if q else None),
+                  flush=True)
         print()
 
+
+def table_row(l, name, q, res, floor):
+    """One line of the table; '>' marks a case stopped at --timeout (its time is a bound)."""
+    def ms(r):
+        return (">" if r["peak_bytes"] is None else "") + f"{r['median_s'] * 1e3:.1f}"
+
+    def mb(r):
+        return "?" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+
+    def ratio(loop, this, key):
+        stopped_loop, stopped_this = loop["peak_bytes"] is None, this["peak_bytes"] is None
+        if stopped_this or (stopped_loop and key == "peak_bytes"):
+            return "?"
+        return (">" if stopped_loop else "") + f"{loop[key] / max(this[key], 1e-9):.1f}x"
+
+    f, fb = res[name, "fwd"], res[name, "fwd+bwd"]
+    lf, lfb = res["loop", "fwd"], res["loop", "fwd+bwd"]
+    fl = "-" if floor is None else f"{floor[0] * 1e3:7.1f}, {floor[1] * 1e3:7.1f}"
+    return (f"{l:>5} {name:>9} | {ms(f):>8} {mb(f):>6} | {ms(fb):>10} {mb(fb):>6} | "
+            f"{ratio(lf, f, 'median_s'):>14} {ratio(lfb, fb, 'median_s'):>8} "
+            f"{ratio(lfb, fb, 'peak_bytes'):>7} | {fl:>17}")
 
 if __name__ == "__main__":
     main()
