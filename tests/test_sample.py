@@ -1,0 +1,234 @@
+"""sample.py: grids, strips and FID .npz files from a real (tiny) train.py run, released-weight
+loading from a fake state dict, and the error messages.
+
+The run is 16px shapes, patch_nums 1,2,3,4 (K = 4 scales), a depth-2 width-64 generator,
+trained for one step of each stage: the pictures are noise, but the checkpoint format, the
+tokenizer and the sampler are the real ones. Every picture sample.py writes is compared with
+what MVAR.generate returns for the same labels and seed, so a wrong layout, class order or
+seed handling fails.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from mvar import MVAR, MVARConfig
+from tokenizer import MultiScaleVQVAE, tokenizer_config
+
+REPO = Path(__file__).resolve().parents[1]
+S, NUM_CLASSES, K = 16, len(train.SHAPE_CLASSES), 4
+TINY = ["--image_size", "16", "--shapes_train", "32", "--shapes_test", "8", "--tok_ch", "32",
+        "--tok_ch_mult", "1,2,2", "--tok_z_channels", "8", "--vocab_size", "64",
+        "--patch_nums", "1,2,3,4", "--tok_batch", "16", "--tok_epochs", "0.5", "--depth", "2",
+        "--width", "64", "--num_heads", "2", "--gen_batch", "16", "--gen_epochs", "0.5",
+        "--image_every", "1000", "--ckpt_every", "1000", "--samples_per_class", "1",
+        "--cfg_scale", "2.0", "--top_k", "20", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny run: RUN/tokenizer.pt and RUN/mvar.pt (one step per stage)."""
+    out = tmp_path_factory.mktemp("run")
+    train.main(TINY + ["--out_dir", str(out)])
+    return out
+
+
+def reference(run, labels, seed, batch, **settings):
+    """What MVAR.generate gives for these labels, batch by batch with one seeded generator,
+    as uint8 (N, H, W, C) -- computed without sample.py."""
+    model, tok, ck = train.load_generator(run / "mvar.pt")
+    t = ck["config"]["train"]
+    opts = dict(cfg=t["cfg_scale"], top_k=t["top_k"], top_p=t["top_p"])
+    opts.update(settings)
+    gen = torch.Generator().manual_seed(seed)
+    out = [model.generate(tok, labels[i:i + batch], generator=gen, **opts) for i in range(0, len(labels), batch)]
+    return (torch.cat(out) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def tiles(png, rows, cols, size=S):
+    """Cut save_image_grid's PNG (2 px gaps) into its rows x cols tiles -> uint8 (rows*cols, size, size, C)."""
+    arr = np.asarray(Image.open(png))
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    assert arr.shape[:2] == (rows * (size + 2) + 2, cols * (size + 2) + 2)
+    return np.stack([arr[2 + r * (size + 2):2 + r * (size + 2) + size, 2 + c * (size + 2):2 + c * (size + 2) + size]
+                     for r in range(rows) for c in range(cols)])
+
+
+# --------------------------------------------------------------------------------------------
+# Grid, strip, npz from a train.py run
+# --------------------------------------------------------------------------------------------
+
+def test_grid_has_one_column_per_class(run, tmp_path):
+    res = sample.main(["--ckpt", str(run / "mvar.pt"), "--classes", "5,0-1", "--per_class", "2",
+                       "--seed", "3", "--batch", "4", "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    assert res["grid"] == tmp_path / "g.png" and res["npz"] is None and res["strip"] is None
+    assert res["images"] == 6 and res["images_per_s"] > 0
+    # the checkpoint's sampling settings are the defaults
+    assert res["settings"] == {"cfg": 2.0, "top_k": 20, "top_p": 0.0, "more_smooth": False}
+    got = tiles(res["grid"], rows=2, cols=3)
+    want = reference(run, torch.tensor([5, 0, 1, 5, 0, 1]), seed=3, batch=4)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_strip_shows_every_scale_and_ends_at_the_grid_image(run, tmp_path):
+    res = sample.main(["--ckpt", str(run / "mvar.pt"), "--classes", "2,7", "--per_class", "1",
+                       "--strip", "--out", str(tmp_path), "--device", "cpu", "--cfg", "0"])
+    assert res["grid"] == tmp_path / "mvar_grid.png" and res["strip"] == tmp_path / "mvar_strip.png"
+    strip = tiles(res["strip"], rows=2, cols=K)                  # row = sample, column = scale
+    grid = tiles(res["grid"], rows=1, cols=2)
+    np.testing.assert_array_equal(strip[K - 1::K], grid)      # the last scale is the picture
+    # each column is a different stage of the coarse-to-fine build-up
+    assert all(not np.array_equal(strip[k], strip[k + 1]) for k in range(K - 1))
+
+
+def test_npz_is_fid_layout_balanced_and_seeded(run, tmp_path):
+    args = ["--ckpt", str(run / "mvar.pt"), "--npz", "10", "--batch", "6", "--device", "cpu",
+            "--top_p", "0.9"]
+    a = sample.main(args + ["--out", str(tmp_path / "a.npz")])
+    b = sample.main(args + ["--out", str(tmp_path / "b.npz")])
+    c = sample.main(args + ["--out", str(tmp_path / "c.npz"), "--seed", "1"])
+    da, db, dc = (np.load(r["npz"]) for r in (a, b, c))
+    assert sorted(da.files) == ["arr_0", "arr_1"]
+    x, y = da["arr_0"], da["arr_1"]
+    assert x.dtype == np.uint8 and x.shape == (10, S, S, 3)
+    assert y.shape == (10,) and y.min() >= 0 and y.max() < NUM_CLASSES
+    counts = np.bincount(y, minlength=NUM_CLASSES)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 10      # all 8 classes, balanced
+    np.testing.assert_array_equal(x, db["arr_0"])                          # same seed, same images
+    np.testing.assert_array_equal(y, db["arr_1"])
+    assert not np.array_equal(x, dc["arr_0"])                              # another seed differs
+    np.testing.assert_array_equal(x, reference(run, torch.from_numpy(y), seed=0, batch=6, top_p=0.9))
+
+
+def test_grey_images_are_replicated_to_three_channels():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(3, 1, 5, 4, generator=g)
+    grey[0, 0, 0, 0], grey[0, 0, 0, 1] = 1.0, 0.0
+    got = sample.to_uint8_nhw3(grey)
+    want = np.floor(grey[:, 0].double().numpy() * 255 + 0.5).astype(np.uint8)     # (N, H, W)
+    assert got.shape == (3, 5, 4, 3) and got.dtype == np.uint8
+    for ch in range(3):
+        np.testing.assert_array_equal(got[..., ch], want)
+
+
+def test_class_lists_and_ranges():
+    assert sample.parse_classes("0-3,8", 10) == [0, 1, 2, 3, 8]
+    assert sample.parse_classes("all", 4) == [0, 1, 2, 3]
+    assert sample.parse_classes(" 7 , 2 ", 10) == [7, 2]
+    for text in ("a", "5-2", ",", "1.5"):
+        with pytest.raises(ValueError, match="--classes"):
+            sample.parse_classes(text, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+def test_missing_and_corrupt_checkpoints(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sample.main(["--ckpt", str(tmp_path / "nope.pt"), "--device", "cpu"])
+    bad = tmp_path / "mvar.pt"
+    bad.write_bytes((run / "mvar.pt").read_bytes()[:5000])                 # truncated copy
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        sample.main(["--ckpt", str(bad), "--device", "cpu"])
+    with pytest.raises(ValueError, match="exactly one of --ckpt"):
+        sample.main(["--device", "cpu"])
+
+
+def test_class_out_of_range_names_the_valid_range(run):
+    with pytest.raises(ValueError, match=r"\[8\] out of range.*valid labels are 0\.\.7"):
+        sample.main(["--ckpt", str(run / "mvar.pt"), "--classes", "6-8", "--device", "cpu"])
+
+
+def test_another_tokenizer_is_refused(run, tmp_path):
+    ck = train.load_checkpoint(run / "tokenizer.pt", "tokenizer")
+    ck["model"]["quantize.embedding.weight"] += 0.01                    # same shape, other weights
+    train.save_checkpoint(ck, tmp_path / "other_tokenizer.pt")
+    with pytest.raises(ValueError, match="not the tokenizer"):
+        sample.main(["--ckpt", str(run / "mvar.pt"), "--tokenizer", str(tmp_path / "other_tokenizer.pt"),
+                     "--device", "cpu"])
+
+
+def test_cli_prints_the_error_and_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "error:" in p.stderr and "does not exist" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Released weights (--official): a fake state dict of a small config, saved like the release
+# --------------------------------------------------------------------------------------------
+
+SMALL = {"model": {"depth": 2, "width": 64, "num_heads": 2, "vocab_size": 64, "Cvae": 8,
+                   "patch_nums": [1, 2, 3, 4]},
+         "tokenizer": {"image_size": 16, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
+                       "z_channels": 8, "vocab_size": 64, "patch_nums": [1, 2, 3, 4]}}
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """Fake released files: mvar .pth (random weights + the buffers the official code saves),
+    VAR-tokenizer .pth. Returns (folder, generator state dict, tokenizer state dict)."""
+    d = tmp_path_factory.mktemp("official")
+    torch.manual_seed(123)
+    model = MVAR(MVARConfig(arch="mvar", num_classes=1000, **SMALL["model"]))
+    sd = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    torch.save({**sd, "lvl_1L": model.lvl_1L.clone()}, d / "mvar_d2.pth")
+    tok = MultiScaleVQVAE(tokenizer_config("var256", **SMALL["tokenizer"]))
+    tok_sd = {k: v.clone() for k, v in tok.state_dict().items()}
+    torch.save(tok_sd, d / "vae.pth")
+    return d, sd, tok_sd
+
+
+def official_args(d, *more):
+    return ["--official", str(d / "mvar_d2.pth"), "--arch", "mvar", "--depth", "2",
+            "--vae_ckpt", str(d / "vae.pth"), "--official_config", json.dumps(SMALL),
+            "--device", "cpu", *more]
+
+
+def test_official_weights_load_and_sample(official, tmp_path):
+    d, sd, tok_sd = official
+    res = sample.main(official_args(d, "--npz", "6", "--classes", "0,999", "--batch", "3",
+                                    "--out", str(tmp_path)))
+    assert res["settings"] == {**sample.OFFICIAL_FID, "more_smooth": False}
+    data = np.load(tmp_path / "mvar_6.npz")
+    np.testing.assert_array_equal(data["arr_1"], [0, 999, 0, 999, 0, 999])
+    # independent reference: the same config loaded with torch's own load_state_dict
+    model = MVAR(MVARConfig(arch="mvar", num_classes=1000, **SMALL["model"])).eval()
+    model.load_state_dict(sd)
+    tok = MultiScaleVQVAE(tokenizer_config("var256", **SMALL["tokenizer"])).eval()
+    tok.load_state_dict(tok_sd)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 999, 0, 999, 0, 999])
+    want = torch.cat([model.generate(tok, labels[i:i + 3], cfg=1.5, top_k=900, top_p=0.96, generator=gen)
+                      for i in (0, 3)])
+    np.testing.assert_array_equal(data["arr_0"], (want * 255).round().byte().permute(0, 2, 3, 1).numpy())
+
+
+def test_official_errors(official, tmp_path):
+    d, _, _ = official
+    with pytest.raises(ValueError, match=r"valid labels are 0\.\.999"):
+        sample.main(official_args(d, "--classes", "1000"))
+    with pytest.raises(FileNotFoundError, match="wget"):               # says where to get it
+        sample.main(official_args(d)[:-2] + ["--vae_ckpt", str(tmp_path / "no_vae.pth"), "--device", "cpu"])
+    swapped = official_args(d)
+    swapped[1], swapped[7] = str(d / "vae.pth"), str(d / "mvar_d2.pth")  # the two files swapped
+    with pytest.raises(ValueError, match="does not match"):
+        sample.main(swapped)
+    wrong_arch = official_args(d)
+    wrong_arch[3] = "var"
+    with pytest.raises(ValueError, match="(?s)does not match.*check --arch"):
+        sample.main(wrong_arch)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    junk = official_args(d)
+    junk[1] = str(tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="corrupt"):
+        sample.main(junk)
