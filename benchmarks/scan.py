@@ -13,8 +13,8 @@ loop / parallel ratios, and a lower bound ("floor") for the parallel scan on thi
 Time: median of up to --repeats runs after one untimed run; a case stops repeating once it has
 used --budget seconds, and is stopped after --timeout seconds (shown as ">"): the loop at
 L=2240 with backward allocates ~7 GB and takes from a minute to several on a busy 2-core VM.
-The default table takes 3-5 minutes. On a machine shared with other jobs, 2 threads
-that wait on each other are slowed far more than 1, and the loop (thousands of small ops) more
+The default table takes 3-6 minutes on a busy 2-core VM. On a machine shared with other jobs,
+2 threads that wait on each other are slowed far more than 1, and the loop (thousands of small ops) more
 than the parallel scan (a few large ones): --threads 1 gives the fairer ratio there.
 
 How memory is measured. torch allocates CPU tensors with the C allocator, which Python's
