@@ -197,7 +197,9 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     b, l, h, p, g, n = _check_scan_inputs(x, dt, A, B, C, D, initial_state)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    Q, r = chunk_size, h // g
+    # A sequence shorter than one chunk is one chunk of its own length: no padding work (the
+    # sampler feeds single scales of 1, 4, 9, ... tokens).
+    Q, r = min(chunk_size, l), h // g
     sdtype, cdtype = _state_dtype(x.dtype), x.dtype
 
     # 0. Pad L up to a multiple of Q with dt = 0: decay exp(0 * A) = 1 and input 0 * x = 0, so the
