@@ -232,3 +232,22 @@ def test_official_errors(official, tmp_path):
     junk[1] = str(tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="corrupt"):
         sample.main(junk)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/sample_quality.py (a smoke test: the table it prints is the README's evidence)
+# --------------------------------------------------------------------------------------------
+
+def test_sample_quality_benchmark_runs_and_caches_its_classifier(run):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sample_quality
+    args = ["--ckpt", str(run / "mvar.pt"), "--per_class", "1", "--epochs", "1", "--device", "cpu"]
+    first = sample_quality.main(args)
+    assert (run / "classifier_rgb.pt").exists() and (run / "classifier_grey.pt").exists()
+    second = sample_quality.main(args)                       # classifiers loaded from the cache
+    assert first == second == json.loads((run / "sample_quality.json").read_text())
+    names = [r["name"] for r in first["rows"]]
+    assert names[0] == "real test images" and names[2].startswith("mvar samples (cfg 2")
+    assert [r["images"] for r in first["rows"]] == [8, 8, NUM_CLASSES]
+    for r in first["rows"]:
+        assert all(0 <= a <= 1 for a in r["accuracy"].values()) and len(r["per_class"]["grey"]) == NUM_CLASSES

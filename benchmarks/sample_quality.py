@@ -1,0 +1,250 @@
+"""Does the sample grid show each class recognisably? A classifier answers (README "Sample quality").
+
+Trains a small CNN (plain torch, a few conv layers) on the training split of the dataset a
+generator was trained on (train.py's loader: the built-in "shapes" data or Fashion-MNIST),
+reports its accuracy on the real test images and on the tokenizer's reconstructions of them
+(the ceiling: a sample cannot be drawn better than the tokenizer can draw), then its accuracy
+on N generated samples per class from each generator checkpoint given (--ckpt, and --ckpt2 to
+compare M-VAR with VAR).
+A generator whose samples are classified as well as real images draws every class
+recognisably; the per-class table shows which classes it gets wrong.
+
+For RGB data the built-in classes differ in colour *and* shape, so a colour-blind second
+classifier (trained and tested on luminance only) is reported too: it checks the shape.
+Classifier weights are cached in the run folder (classifier_<mode>.pt) and reused while the
+data settings are unchanged. Sampling uses the checkpoint's cfg / top-k / top-p unless
+overridden, and a fixed seed.
+
+    python benchmarks/sample_quality.py --ckpt runs/tiny/mvar.pt --ckpt2 runs/tiny/var.pt
+    python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --per_class 50 --cfg 2
+    python benchmarks/sample_quality.py --dataset fashion-mnist     # classifier only, no generator
+
+Cost on a 2-core CPU: the shapes classifier trains in well under a minute (Fashion-MNIST:
+--train_images 20000 x 3 epochs, a few minutes); sampling 20 images per class of a small
+generator takes seconds to a minute.
+
+Shape glossary:
+    N   images        C  image channels (1 grey, 3 RGB)     H, W  image height, width
+    B   batch         M  number of classes
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from sample import resolve_device, sample_images  # noqa: E402
+
+
+class SmallCNN(nn.Module):
+    """A stride-2 conv to half resolution, then two conv3x3 + 2x max-pool stages (each conv
+    followed by BatchNorm and ReLU), then a linear layer on the flattened (64, S/8, S/8) map
+    (kept spatial: where the parts of a garment sit is what tells a shirt from a coat).
+    (B, C, S, S) in [-1, 1] -> logits (B, M). ~35k parameters at S = 32: small enough to
+    train on a busy 2-core CPU in a minute or two."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int):
+        super().__init__()
+        if image_size % 8:
+            raise ValueError(f"SmallCNN needs an image size divisible by 8, got {image_size}")
+
+        def conv(ci, co, k, stride):
+            return [nn.Conv2d(ci, co, k, stride, padding=1, bias=False), nn.BatchNorm2d(co), nn.ReLU()]
+
+        self.features = nn.Sequential(*conv(in_channels, 16, 4, 2),
+                                      *conv(16, 32, 3, 1), nn.MaxPool2d(2),
+                                      *conv(32, 64, 3, 1), nn.MaxPool2d(2))
+        self.fc = nn.Linear(64 * (image_size // 8) ** 2, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def to_mode(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """(N, C, H, W) -> the classifier's input: unchanged ("rgb"), or luminance (N, 1, H, W)
+    ("grey": Rec. 601 weights, so a classifier cannot tell classes apart by colour)."""
+    if mode == "grey" and x.shape[1] == 3:
+        return (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).contiguous()
+    return x
+
+
+def split_tensors(ds, limit: int = 0):
+    """A train.py dataset (evaluation view) -> images (N, C, H, W) in [-1, 1], labels (N,)."""
+    n = len(ds) if not limit else min(limit, len(ds))
+    items = [ds[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@torch.no_grad()
+def predict(clf: nn.Module, x: torch.Tensor, device, batch: int = 500) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] -> predicted class (N,)."""
+    clf.eval()
+    return torch.cat([clf(x[i:i + batch].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch)])
+
+
+def train_classifier(x, y, num_classes: int, epochs: float, device, seed: int = 0, batch: int = 128):
+    """Adam with a cosine learning rate, light augmentation (random 2-pixel shifts, so the
+    classifier does not depend on exact positions). x (N, C, H, W), y (N,) -> SmallCNN."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf = SmallCNN(x.shape[1], num_classes, x.shape[-1]).to(device)
+    steps = max(1, round(epochs * len(x) / batch))
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    clf.train()
+    for step in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=g)
+        xb = x[idx]
+        dy, dx = torch.randint(-2, 3, (2,), generator=g).tolist()
+        xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+        loss = F.cross_entropy(clf(xb.to(device)), y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return clf.eval()
+
+
+def get_classifier(cfg, mode: str, train_x, train_y, num_classes, args, device, cache_dir):
+    """Load the cached classifier for (data settings, mode, recipe) from cache_dir, or train
+    and cache it. Returns (classifier, seconds spent training, 0 if cached)."""
+    ident = {**{k: getattr(cfg, k) for k in train.DATA_FIELDS}, "mode": mode,
+             "train_images": len(train_x), "epochs": args.epochs, "seed": args.seed}
+    path = Path(cache_dir) / f"classifier_{mode}.pt" if cache_dir else None
+    in_ch = 1 if mode == "grey" else train_x.shape[1]
+    if path and path.exists():
+        ck = train.load_checkpoint(path, "classifier")
+        if ck["ident"] == ident:
+            clf = SmallCNN(in_ch, num_classes, train_x.shape[-1]).to(device)
+            clf.load_state_dict(ck["model"])
+            return clf.eval(), 0.0
+    t0 = time.perf_counter()
+    clf = train_classifier(to_mode(train_x, mode), train_y, num_classes, args.epochs, device, args.seed)
+    seconds = time.perf_counter() - t0
+    if path:
+        train.save_checkpoint({"kind": "classifier", "ident": ident,
+                               "model": {k: v.cpu() for k, v in clf.state_dict().items()}}, path)
+    return clf, seconds
+
+
+def data_config(args, ckpts):
+    """The train.py config whose data the generators saw (from the first checkpoint), or a
+    preset for --dataset when no checkpoint is given."""
+    if ckpts:
+        saved = [train.load_checkpoint(p, "generator")["config"]["train"] for p in ckpts]
+        data = [{k: s[k] for k in train.DATA_FIELDS} for s in saved]
+        if any(d != data[0] for d in data):
+            raise ValueError(f"--ckpt and --ckpt2 were trained on different data: {data}")
+        if args.dataset and args.dataset != saved[0]["dataset"]:
+            raise ValueError(f"--dataset {args.dataset} but {ckpts[0]} was trained on {saved[0]['dataset']}")
+        fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+        cfg = train.make_config(**{k: v for k, v in saved[0].items() if k in fields})
+    else:
+        dataset = args.dataset or "shapes"
+        cfg = train.make_config("tiny" if dataset == "shapes" else dataset, dataset=dataset)
+    if cfg.dataset == "folder":
+        raise ValueError("this benchmark trains its classifier on small datasets (shapes, "
+                         "Fashion-MNIST, CIFAR-10); for ImageNet use FID on sample.py --npz")
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    return cfg
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="", help="generator checkpoint (RUN/mvar.pt)")
+    p.add_argument("--ckpt2", default="", help="a second one to compare (RUN/var.pt)")
+    p.add_argument("--dataset", default="", choices=("", "shapes", "fashion-mnist", "cifar10"),
+                   help="without --ckpt: which dataset (default shapes); with it, a check")
+    p.add_argument("--data_dir", default="", help="dataset folder, if not where train.py looks")
+    p.add_argument("--per_class", type=int, default=20, help="generated samples per class")
+    p.add_argument("--cfg", type=float, default=None, help="guidance (default: the checkpoint's)")
+    p.add_argument("--top_k", type=int, default=None, help="top-k (default: the checkpoint's)")
+    p.add_argument("--top_p", type=float, default=None, help="top-p (default: the checkpoint's)")
+    p.add_argument("--train_images", type=int, default=20000, help="classifier training images (0 = all)")
+    p.add_argument("--epochs", type=float, default=3.0, help="classifier training epochs")
+    p.add_argument("--batch", type=int, default=50, help="generator batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--no_cache", action="store_true", help="always retrain the classifier")
+    args = p.parse_args(argv)
+    ckpts = [c for c in (args.ckpt, args.ckpt2) if c]
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    cfg = data_config(args, ckpts)
+
+    train_ds, test_ds = train.load_dataset(cfg, "train", download_ok=False), train.load_dataset(cfg, "test", download_ok=False)
+    M = train_ds.num_classes
+    train_x, train_y = split_tensors(train_ds, args.train_images)
+    test_x, test_y = split_tensors(test_ds)
+    modes = ["rgb", "grey"] if train_x.shape[1] == 3 else ["grey"]
+    cache_dir = None if args.no_cache or not ckpts else Path(ckpts[0]).parent
+    clfs = {}
+    for mode in modes:
+        clfs[mode], secs = get_classifier(cfg, mode, train_x, train_y, M, args, device, cache_dir)
+        print(f"classifier ({mode}): " + (f"trained on {len(train_x)} images in {secs:.0f} s" if secs
+                                          else f"loaded from {cache_dir}/classifier_{mode}.pt"))
+
+    def score(x, y):
+        """-> {mode: accuracy}, {mode: per-class accuracy, M values (None: no image of that class)}"""
+        acc, per = {}, {}
+        for mode in modes:
+            hit = (predict(clfs[mode], to_mode(x, mode), device) == y).float()
+            acc[mode] = hit.mean().item()
+            per[mode] = [hit[y == c].mean().item() if (y == c).any() else None for c in range(M)]
+        return acc, per
+
+    rows = [("real test images", len(test_y), *score(test_x, test_y), None)]
+    for i, path in enumerate(ckpts):
+        model, tok, ck = train.load_generator(path, device)
+        if i == 0:
+            # The ceiling for any generator on this tokenizer: its reconstructions of the test
+            # images (a sample can only be as recognisable as what the tokenizer can draw).
+            with torch.no_grad():
+                recon = torch.cat([tok.idx_to_img(tok.img_to_idx(test_x[j:j + 200].to(device))).cpu()
+                                   for j in range(0, len(test_x), 200)])
+            rows.append(("tokenizer reconstructions of test", len(test_y), *score(recon, test_y), None))
+        t = ck["config"]["train"]
+        settings = {"cfg": t["cfg_scale"] if args.cfg is None else args.cfg,
+                    "top_k": t["top_k"] if args.top_k is None else args.top_k,
+                    "top_p": t["top_p"] if args.top_p is None else args.top_p, "more_smooth": False}
+        labels = torch.arange(M).repeat_interleave(args.per_class)
+        images, _, secs = sample_images(model, tok, labels, args.batch, settings, device,
+                                        seed=args.seed, desc=f"sampling {model.cfg.arch}")
+        name = f"{model.cfg.arch} samples (cfg {settings['cfg']:g}, step {ck['step']})"
+        rows.append((name, len(labels), *score(images * 2 - 1, labels), settings))
+        print(f"{name}: {len(labels)} images in {secs:.0f} s")
+
+    names = train.SHAPE_CLASSES if cfg.dataset == "shapes" else [str(c) for c in range(M)]
+    head = {"rgb": "acc colour+shape", "grey": "acc grey (shape)"} if len(modes) == 2 else {"grey": "accuracy"}
+    print(f"\nSample quality on {cfg.dataset} ({cfg.image_size}px): accuracy of a CNN trained on "
+          f"{len(train_x)} real training images")
+    print(f"{'':38} {'images':>7} " + " ".join(f"{head[m]:>17}" for m in modes))
+    for name, n, acc, _, _ in rows:
+        print(f"{name:38} {n:>7} " + " ".join(f"{100 * acc[m]:>16.1f}%" for m in modes))
+    mode = modes[-1]
+    print(f"\nPer-class accuracy, {head[mode]} (%):")
+    print(f"{'':38} " + " ".join(f"{c[:9]:>9}" for c in names))
+    for name, _, _, per, _ in rows:
+        print(f"{name:38} " + " ".join(f"{100 * a:>9.0f}" if a is not None else f"{'-':>9}" for a in per[mode]))
+
+    result = {"dataset": cfg.dataset, "image_size": cfg.image_size, "classifier_train_images": len(train_x),
+              "rows": [{"name": r[0], "images": r[1], "accuracy": r[2], "per_class": r[3], "settings": r[4]}
+                       for r in rows]}
+    if ckpts:
+        out = Path(ckpts[0]).parent / "sample_quality.json"
+        train.write_json(result, out)
+        print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
