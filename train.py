@@ -9,10 +9,15 @@ Read it top to bottom; each numbered section is one idea (SPEC section 5):
   4. Sampler         seeded, resumable, rank-sharded batch order (a pure function of step).
   5. Checkpoints     atomic writes, weights_only loads, clear errors, automatic resume.
   6. Schedule        lr warm-up + linear decay, weight-decay groups.
-  7. Stage 1         train the multi-scale VQ tokenizer (or import VAR's released one).
-  8. Token cache     encode the dataset once to per-scale indices, so stage 2 never encodes.
-  9. Stage 2         train the generator (M-VAR, or the VAR baseline with --arch var).
- 10. main            `python train.py [--preset NAME] [--stage ...] [--field value ...]`.
+  7. Machinery       mixed precision, RNG gathering, PNG grids, loss plots, stop conditions.
+  8. Stage 1         train the multi-scale VQ tokenizer (or import VAR's released one).
+  9. Token cache     encode the dataset once to per-scale indices, so stage 2 never encodes.
+ 10. Stage 2         train the generator (M-VAR, or the VAR baseline with --arch var).
+ 11. main            `python train.py [--preset NAME] [--stage ...] [--field value ...]`.
+
+Files in the run folder: config.json; tokenizer.pt, tokenizer_eval.json, tokenizer_recon.png,
+tokenizer_loss.png (stage 1); tokens.pt (the cache); <arch>.pt, <arch>_eval.json,
+<arch>_loss.png, <arch>_samples.png, images/<arch>_step*.png (stage 2; <arch> = mvar | var).
 
 Usage:
     python train.py                                   # tiny built-in data, both stages, CPU ok
@@ -90,7 +95,7 @@ class TrainConfig:
     dataset: str = _f("shapes", "shapes (built-in) | fashion-mnist | cifar10 | folder")
     data_dir: str = _f("", "dataset folder (default: the dataset's usual place, see the error)")
     download: bool = _f(False, "download Fashion-MNIST / CIFAR-10 into data/ if missing")
-    image_size: int = _f(32, "training resolution (pixels)")
+    image_size: int = _f(16, "training resolution (pixels)")
     hflip: bool = _f(False, "random horizontal flips (the token cache then stores flipped copies)")
     subset: int = _f(0, "use only the first N images of each split (0 = all); for quick tests")
     shapes_train: int = _f(4000, "built-in dataset: number of training images")
@@ -103,22 +108,22 @@ class TrainConfig:
     tok_ch_mult: tuple = _f((), "tokenizer channel multipliers, one per level (empty = the preset's)")
     tok_z_channels: int = _f(0, "tokenizer latent channels Cvae (0 = the preset's)")
     vocab_size: int = _f(0, "codebook size V (0 = the preset's)")
-    patch_nums: tuple = _f((), "side of each scale's token map, coarse to fine (empty = the preset's)")
+    patch_nums: tuple = _f((1, 2, 3, 4), "side of each scale's token map, coarse to fine (empty = the preset's)")
     tok_batch: int = _f(64, "tokenizer global batch size")
     tok_lr: float = _f(4e-4, "tokenizer peak learning rate")
-    tok_epochs: float = _f(6.0, "tokenizer training epochs")
+    tok_epochs: float = _f(8.0, "tokenizer training epochs")
     tok_l1: float = _f(1.0, "weight of the L1 pixel loss")
     tok_l2: float = _f(1.0, "weight of the L2 pixel loss")
     vae_ckpt: str = _f("", "import VAR's released tokenizer from this .pth instead of training one")
     eval_images: int = _f(0, "images of the test split used by the final evals (0 = all)")
     # --- stage 2: generator ----------------------------------------------------------------
     depth: int = _f(4, "generator depth (VAR/M-VAR size rule: width 64*depth, heads = depth)")
-    width: int = _f(0, "model width C (0 = 64*depth)")
-    num_heads: int = _f(0, "attention heads (0 = depth)")
+    width: int = _f(128, "model width C (0 = 64*depth)")
+    num_heads: int = _f(4, "attention heads (0 = depth)")
     gen_batch: int = _f(64, "generator global batch size (over all processes and accumulation)")
     grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
-    base_lr: float = _f(1e-4, "generator lr per 256 images: peak lr = base_lr * gen_batch / 256")
-    gen_epochs: float = _f(30.0, "generator training epochs")
+    base_lr: float = _f(4e-3, "generator lr per 256 images: peak lr = base_lr * gen_batch / 256")
+    gen_epochs: float = _f(10.0, "generator training epochs")
     warmup_frac: float = _f(0.02, "fraction of steps spent in linear warm-up (VAR: ep/50)")
     end_lr_ratio: float = _f(0.1, "final lr / peak lr at the end of the linear decay (VAR's wpe)")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, pos/level embeddings)")
@@ -133,22 +138,28 @@ class TrainConfig:
     samples_per_class: int = _f(4, "sample grid: images per class (first 10 classes)")
 
 
-# Presets change only what differs from the dataclass defaults above (which are "tiny").
+# Presets change only what differs from the dataclass defaults above (which are "tiny": 16px
+# shapes, 4x4 latents, a depth-4 width-128 generator -- sized so `python train.py` finishes
+# both stages within 15 minutes on a 2-core CPU).
 # ImageNet numbers are VAR's / M-VAR's official training commands ("the hyperparameters of
 # training are the same as VAR"): d16 --bs=768 --ep=200 --alng=1e-3 --wpe=0.1; d20 --ep=250;
 # d24 --ep=350 --tblr=8e-5 --alng=1e-4 --wpe=0.01; d30 --bs=1024 --ep=350 --tblr=8e-5
-# --alng=1e-5 --wpe=0.01 --twde=0.08. VAR trains those in fp16; we default to bf16 on GPUs
-# that support it (no loss scaling needed).
-_IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256",
-                 vae_ckpt="data/vae_ch160v4096z32.pth", num_workers=8, log_every=100,
-                 ckpt_every=2000, image_every=5000, eval_images=10000, gen_batch=768,
-                 samples_per_class=1)
+# --alng=1e-5 --wpe=0.01 --twde=0.08; warm-up ep/50 (VAR's default), base lr 1e-4 per 256.
+# VAR trains those in fp16; we default to bf16 on GPUs that support it (no loss scaling).
+_32PX = dict(image_size=32, patch_nums=(),           # the tokenizer preset's 8x8 pyramid
+             width=0, num_heads=0)                  # VAR's size rule
+_IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256", patch_nums=(),
+                 width=0, num_heads=0,
+                 vae_ckpt="data/vae_ch160v4096z32.pth", base_lr=1e-4, num_workers=8,
+                 log_every=100, ckpt_every=2000, image_every=5000, eval_images=10000,
+                 gen_batch=768, samples_per_class=1)
 PRESETS = {
     "tiny": dict(),
-    "fashion-mnist": dict(dataset="fashion-mnist", tok_epochs=10.0, depth=6, gen_batch=128,
-                          gen_epochs=40.0, ckpt_every=1000, image_every=1000),
-    "cifar10": dict(dataset="cifar10", hflip=True, tok_ch=64, tok_epochs=40.0, depth=8, gen_batch=256, gen_epochs=200.0,
-                    ckpt_every=2000, image_every=2000, num_workers=2),
+    "fashion-mnist": dict(_32PX, dataset="fashion-mnist", tok_epochs=10.0, depth=6, gen_batch=128,
+                          base_lr=4e-4, gen_epochs=40.0, ckpt_every=1000, image_every=1000),
+    "cifar10": dict(_32PX, dataset="cifar10", hflip=True, tok_ch=64, tok_epochs=40.0, depth=8,
+                    gen_batch=256, base_lr=4e-4, gen_epochs=200.0, ckpt_every=2000,
+                    image_every=2000, num_workers=2),
     "imagenet256-d16": dict(_IMAGENET, depth=16, gen_epochs=200.0, alng=1e-3, end_lr_ratio=0.1),
     "imagenet256-d20": dict(_IMAGENET, depth=20, gen_epochs=250.0, alng=1e-3, end_lr_ratio=0.1),
     "imagenet256-d24": dict(_IMAGENET, depth=24, gen_epochs=350.0, base_lr=8e-5, alng=1e-4,
@@ -850,7 +861,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ============================================================================================
-# 7. Shared training machinery: precision, checkpoint payloads, images, plots
+# 7. Shared training machinery: precision, RNG states, images, plots, stop conditions
 # ============================================================================================
 
 def amp_setup(cfg: TrainConfig, device: torch.device):
@@ -893,8 +904,8 @@ def save_image_grid(images: torch.Tensor, path, nrow: int) -> None:
     """images (N, C, H, W) in [0, 1] -> a PNG grid with nrow images per row (2 px gaps)."""
     from PIL import Image
     N, C, H, W = images.shape
-    ncol_rows = math.ceil(N / nrow)
-    grid = torch.ones(C, ncol_rows * (H + 2) + 2, nrow * (W + 2) + 2)
+    rows = math.ceil(N / nrow)
+    grid = torch.ones(C, rows * (H + 2) + 2, nrow * (W + 2) + 2)
     for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
         r, c = divmod(i, nrow)
         grid[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
@@ -934,12 +945,6 @@ def _should_stop(cfg: TrainConfig, deadline: float, steps_done_here: int, d: Dis
     return all_ranks_agree(stop, d)
 
 
-def _unwrap(model):
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 # ============================================================================================
 # 8. Stage 1: the multi-scale VQ tokenizer
 # ============================================================================================
@@ -972,7 +977,7 @@ def load_trained_tokenizer(path, device="cpu") -> tuple[MultiScaleVQVAE, dict]:
 def _tokenizer_payload(cfg, tok_cfg, model, opt, step, total, rng, history, done, **extra) -> dict:
     return {"kind": "tokenizer",
             "config": {"train": dataclasses.asdict(cfg), "tokenizer": tok_cfg.to_dict()},
-            "model": _unwrap(model).state_dict(), "optimizer": opt.state_dict() if opt else {},
+            "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {},
             "step": step, "total_steps": total, "rng": rng, "history": history, "done": done, **extra}
 
 

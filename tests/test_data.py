@@ -47,7 +47,7 @@ def write_fmnist(root: Path, n_train=7, n_test=3, seed=0, labels_max=9):
 def test_fashion_mnist_idx_roundtrip(tmp_path):
     data = write_fmnist(tmp_path / "fm")
     for split in ("train", "test"):
-        cfg = train.make_config(dataset="fashion-mnist", data_dir=str(tmp_path / "fm"))
+        cfg = train.make_config("fashion-mnist", data_dir=str(tmp_path / "fm"))
         ds = train.load_dataset(cfg, split)
         imgs, labels = data[split]
         assert len(ds) == len(imgs) and ds.num_classes == 10
@@ -71,12 +71,12 @@ def test_fashion_mnist_corrupt_files(tmp_path, damage, message):
     name = tmp_path / train.FASHION_FILES["train"][0]
     name.write_bytes(damage(gzip.decompress(name.read_bytes())))
     with pytest.raises(ValueError, match=message):
-        train.load_dataset(train.make_config(dataset="fashion-mnist", data_dir=str(tmp_path)), "train")
+        train.load_dataset(train.make_config("fashion-mnist", data_dir=str(tmp_path)), "train")
 
 
 def test_fashion_mnist_label_count_and_range_errors(tmp_path):
     write_fmnist(tmp_path, labels_max=12)                       # labels up to 12 for 10 classes
-    cfg = train.make_config(dataset="fashion-mnist", data_dir=str(tmp_path))
+    cfg = train.make_config("fashion-mnist", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         train.load_dataset(cfg, "train")
     write_fmnist(tmp_path, seed=1)
@@ -89,11 +89,11 @@ def test_fashion_mnist_label_count_and_range_errors(tmp_path):
 def test_missing_dataset_folder_says_where_and_how(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as e:
-        train.load_dataset(train.make_config(dataset="fashion-mnist", data_dir=str(missing)), "train")
+        train.load_dataset(train.make_config("fashion-mnist", data_dir=str(missing)), "train")
     assert str(missing) in str(e.value) and "--download" in str(e.value)
     assert "dataset-fashion-mnist" in str(e.value)
     with pytest.raises(FileNotFoundError) as e:
-        train.load_dataset(train.make_config(dataset="cifar10", data_dir=str(missing)), "train")
+        train.load_dataset(train.make_config("cifar10", data_dir=str(missing)), "train")
     assert str(missing) in str(e.value) and "--download" in str(e.value)
     with pytest.raises(FileNotFoundError, match="val"):
         train.load_dataset(train.make_config(dataset="folder", data_dir=str(missing)), "test")
@@ -103,7 +103,7 @@ def test_missing_dataset_folder_says_where_and_how(tmp_path):
 
 @pytest.mark.skipif(not REAL_FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
-    cfg = train.make_config(dataset="fashion-mnist")           # default location
+    cfg = train.make_config("fashion-mnist")           # default location
     tr, te = train.load_dataset(cfg, "train"), train.load_dataset(cfg, "test")
     assert (len(tr), len(te)) == (60000, 10000)
     for ds, per_class in ((tr, 6000), (te, 1000)):
@@ -135,7 +135,7 @@ def test_cifar10_pickle_roundtrip(tmp_path):
     data = write_cifar(tmp_path / "cifar-10-batches-py")
     # --data_dir may name the batches folder itself or the folder above it
     for data_dir in (tmp_path / "cifar-10-batches-py", tmp_path):
-        cfg = train.make_config(dataset="cifar10", data_dir=str(data_dir))
+        cfg = train.make_config("cifar10", data_dir=str(data_dir))
         tr, te = train.load_dataset(cfg, "train"), train.load_dataset(cfg, "test")
         assert (len(tr), len(te)) == (20, 4)
         for ds, names in ((tr, train.CIFAR_FILES["train"]), (te, ["test_batch"])):
@@ -152,7 +152,7 @@ def test_cifar10_pickle_roundtrip(tmp_path):
 
 def test_cifar10_bad_files(tmp_path):
     write_cifar(tmp_path)
-    cfg = train.make_config(dataset="cifar10", data_dir=str(tmp_path))
+    cfg = train.make_config("cifar10", data_dir=str(tmp_path))
     (tmp_path / "data_batch_3").write_bytes(b"\x80\x02garbage")
     with pytest.raises(ValueError, match="data_batch_3.*not a CIFAR-10 python batch"):
         train.load_dataset(cfg, "train")
