@@ -10,9 +10,13 @@ one scale to the next at the end of sampling.
     (b) M-VAR, re-running Mamba over the whole prefix     (the official sampler)
     (c) VAR with a KV cache                               (the baseline)
 
-Every case runs in its own fresh Python process, one after the other, so that the peak memory
-(`ru_maxrss` of that process minus its resident size just before sampling) belongs to that case
-alone. The tokenizer's decoder is not timed: `MVAR.sample_tokens` stops at f_hat.
+Every case runs in its own fresh Python process, one after the other. Peak memory is measured
+as in benchmarks/scan.py: after one warm-up run the kernel's peak-RSS counter is reset to the
+current resident size, one sampling run follows, and peak minus start is what sampling needed
+on top of the model's weights. Time is the median of --repeats further runs. The tokenizer's
+decoder is not timed: `MVAR.sample_tokens` stops at f_hat.
+Use --threads 1 on a machine shared with other jobs (2 threads waiting on each other are slowed
+far more than 1).
 
     python benchmarks/generate.py                 # depth 4, width 256, batch 4: ~2 minutes
     python benchmarks/generate.py --depth 6 --width 384 --repeats 5
@@ -20,7 +24,6 @@ alone. The tokenizer's decoder is not timed: `MVAR.sample_tokens` stops at f_hat
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,16 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mvar import MVAR, MVARConfig, attention_pairs  # noqa: E402
 from tokenizer import MultiScaleVQVAE, tokenizer_config  # noqa: E402
+from scan import proc_status_bytes  # noqa: E402  (benchmarks/scan.py, beside this file)
 
 PYRAMIDS = {"256px": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "512px": (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 METHODS = {"a: M-VAR carry state": ("mvar", "carry"), "b: M-VAR re-run prefix": ("mvar", "rerun"),
            "c: VAR KV cache": ("var", "carry")}
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def carried_bytes(cfg: MVARConfig, rows: int, mode: str) -> int:
@@ -78,9 +76,12 @@ def run_one(args) -> dict:
         model.sample_tokens(tok, labels, cfg=1.5, top_k=900, top_p=0.96, generator=g, mamba_mode=mode)
         return time.perf_counter() - t0
 
-    rss0 = rss_bytes()
-    times = [sample() for _ in range(args.repeats + 1)][1:]       # the first run warms up
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    sample()                                                      # warm-up (kernels, pools)
+    Path("/proc/self/clear_refs").write_text("5")                 # peak RSS := current RSS
+    rss0 = proc_status_bytes("VmRSS")
+    sample()
+    peak = proc_status_bytes("VmHWM") - rss0
+    times = [sample() for _ in range(args.repeats)]
     return {"params": sum(p.numel() for p in model.parameters()),
             "pairs": attention_pairs(patch_nums, arch), "seconds": statistics.median(times),
             "peak_mb": max(peak, 0) / 2**20,
@@ -93,10 +94,13 @@ def main():
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=4, help="images per batch (CFG doubles the rows)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--pyramids", default="256px,512px")
     p.add_argument("--pyramid", help=argparse.SUPPRESS)      # child-process arguments
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.method:
         print(json.dumps(run_one(args)))
         return
@@ -112,7 +116,8 @@ def main():
         for method in METHODS:
             cmd = [sys.executable, __file__, "--pyramid", pyramid, "--method", method,
                    "--depth", str(args.depth), "--width", str(args.width),
-                   "--batch", str(args.batch), "--repeats", str(args.repeats)]
+                   "--batch", str(args.batch), "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows[method] = json.loads(out.strip().splitlines()[-1])
         base = rows["a: M-VAR carry state"]["seconds"]
