@@ -252,6 +252,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.per_class < 1 or args.batch < 1 or args.npz < 0:
         raise ValueError("--per_class and --batch must be >= 1, --npz >= 0")
+    if args.npz and args.strip:
+        raise ValueError("--strip draws the grid's samples; --npz writes no grid: run them separately")
     device = resolve_device(args.device)
     amp_dtype = None
     if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):

@@ -140,6 +140,8 @@ def test_missing_and_corrupt_checkpoints(run, tmp_path):
         sample.main(["--ckpt", str(bad), "--device", "cpu"])
     with pytest.raises(ValueError, match="exactly one of --ckpt"):
         sample.main(["--device", "cpu"])
+    with pytest.raises(ValueError, match="run them separately"):
+        sample.main(["--ckpt", str(run / "mvar.pt"), "--npz", "8", "--strip", "--device", "cpu"])
 
 
 def test_class_out_of_range_names_the_valid_range(run):
@@ -241,7 +243,7 @@ def test_official_errors(official, tmp_path):
 def test_sample_quality_benchmark_runs_and_caches_its_classifier(run):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sample_quality
-    args = ["--ckpt", str(run / "mvar.pt"), "--per_class", "1", "--epochs", "1", "--device", "cpu"]
+    args = ["--ckpt", str(run / "mvar.pt"), "--per_class", "1", "--steps", "5", "--device", "cpu"]
     first = sample_quality.main(args)
     assert (run / "classifier_rgb.pt").exists() and (run / "classifier_grey.pt").exists()
     second = sample_quality.main(args)                       # classifiers loaded from the cache
