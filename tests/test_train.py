@@ -18,7 +18,7 @@ import train
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["--image_size", "16", "--shapes_train", "64", "--shapes_test", "16", "--tok_ch", "32",
-        "--tok_ch_mult", "1,2,2", "--tok_z_channels", "8", "--vocab_size", "64",
+        "--tok_ch_mult", "1,1,1", "--tok_z_channels", "8", "--vocab_size", "64",
         "--patch_nums", "1,2,3,4", "--tok_batch", "16", "--tok_epochs", "1", "--depth", "2",
         "--width", "64", "--num_heads", "2", "--gen_batch", "16", "--gen_epochs", "1.5",
         "--base_lr", "1e-3", "--cond_drop", "0.5", "--hflip", "1", "--log_every", "1",
