@@ -213,33 +213,31 @@ def output_paths(out: str, default_dir: Path, name: str, n_npz: int) -> dict:
 # ============================================================================================
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     src = p.add_argument_group("what to load")
     src.add_argument("--ckpt", default="", help="generator checkpoint written by train.py (RUN/mvar.pt, RUN/var.pt)")
     src.add_argument("--tokenizer", default="", help="tokenizer checkpoint (default: the one the generator names)")
     src.add_argument("--official", default="", help="released M-VAR / VAR ImageNet-256 weights (.pth)")
-    src.add_argument("--arch", default="mvar", choices=("mvar", "var"), help="architecture of --official")
-    src.add_argument("--depth", type=int, default=16, help="depth of --official (16, 20, 24, 30, 32)")
-    src.add_argument("--vae_ckpt", default="vae_ch160v4096z32.pth", help="VAR's released tokenizer (with --official)")
+    src.add_argument("--arch", default="mvar", choices=("mvar", "var"), help="architecture of --official (default mvar)")
+    src.add_argument("--depth", type=int, default=16, help="depth of --official: 16 (default), 20, 24, 30, 32")
+    src.add_argument("--vae_ckpt", default="vae_ch160v4096z32.pth", help="VAR's released tokenizer, with --official (default %(default)s)")
     src.add_argument("--official_config", default="", help=argparse.SUPPRESS)   # JSON, for tests
     what = p.add_argument_group("what to sample")
     what.add_argument("--classes", default="", help="class ids, e.g. 0-9 or 1,5,7 or all "
                       "(default: the first 10; with --npz: all)")
-    what.add_argument("--per_class", type=int, default=4, help="grid rows: samples per class")
+    what.add_argument("--per_class", type=int, default=4, help="grid rows: samples per class (default 4)")
     what.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default: checkpoint's / 1.5)")
     what.add_argument("--top_k", type=int, default=None, help="top-k, 0 = off (default: checkpoint's / 900)")
     what.add_argument("--top_p", type=float, default=None, help="top-p, 0 = off (default: checkpoint's / 0.96)")
     what.add_argument("--more_smooth", action="store_true", help="gumbel-softmax codes: smoother pictures, not for FID")
-    what.add_argument("--seed", type=int, default=0)
+    what.add_argument("--seed", type=int, default=0, help="default 0")
     what.add_argument("--strip", action="store_true", help="also write the coarse-to-fine strip of the grid samples")
     what.add_argument("--npz", type=int, default=0, metavar="N", help="write N samples as .npz for FID instead of a grid")
     run = p.add_argument_group("how")
-    run.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    run.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
     run.add_argument("--out", default="", help="output folder, or a .png / .npz file name "
                      "(default: the run folder; samples/ for --official)")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    run.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
     run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                      help="auto = bf16 autocast on CUDA, fp32 elsewhere")
     return p
