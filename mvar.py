@@ -769,10 +769,12 @@ class MVAR(nn.Module):
         c = self.cfg
         self._check_labels(labels, allow_null=False)
         tok_pn = tuple(tokenizer.cfg.patch_nums)
-        if tok_pn != c.patch_nums or tokenizer.cfg.vocab_size != c.vocab_size:
-            raise ValueError(f"tokenizer (patch_nums {tok_pn}, vocab {tokenizer.cfg.vocab_size}) "
-                             f"does not match the generator (patch_nums {c.patch_nums}, vocab "
-                             f"{c.vocab_size}); load the tokenizer the generator was trained with")
+        tc = tokenizer.cfg
+        if (tok_pn, tc.vocab_size, tc.z_channels) != (c.patch_nums, c.vocab_size, c.Cvae):
+            raise ValueError(f"tokenizer (patch_nums {tok_pn}, vocab {tc.vocab_size}, Cvae "
+                             f"{tc.z_channels}) does not match the generator (patch_nums "
+                             f"{c.patch_nums}, vocab {c.vocab_size}, Cvae {c.Cvae}); load the "
+                             f"tokenizer the generator was trained with")
         if mamba_mode not in ("carry", "rerun"):
             raise ValueError(f"mamba_mode must be 'carry' or 'rerun', got {mamba_mode!r}")
         B, K = labels.shape[0], len(c.patch_nums)
@@ -896,7 +898,14 @@ def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> dict:
     parameters. Returns {"loaded": number of tensors, "ignored_buffers": [names]}."""
     sd = path_or_state_dict
     if not isinstance(sd, dict):
-        sd = torch.load(sd, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no checkpoint at {sd}: download the released .pth (see "
+                                    f"README, 'Released weights') or fix the path") from None
+        except Exception as e:   # truncated download, not a torch file, pickled objects
+            raise ValueError(f"{sd} is not a readable torch checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); download it again") from e
     for wrapper in ("model", "state_dict"):   # some releases nest the weights one level down
         if isinstance(sd.get(wrapper), dict) and "head.weight" not in sd:
             sd = sd[wrapper]

@@ -154,9 +154,10 @@ def test_generate_rejects_bad_labels_and_mismatched_tokenizer(tokenizer):
         model.generate(tokenizer, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="class labels"):
         model.generate(tokenizer, torch.tensor([-1]))
-    other = MVAR(tiny_config("mvar", vocab_size=64))
-    with pytest.raises(ValueError, match="does not match the generator"):
-        other.generate(tokenizer, torch.tensor([0]))
+    for field in ({"vocab_size": 64}, {"Cvae": 16}, {"patch_nums": (1, 2, 4)}):
+        other = MVAR(tiny_config("mvar", **field))
+        with pytest.raises(ValueError, match="does not match the generator"):
+            other.generate(tokenizer, torch.tensor([0]))
 
 
 # ----- 3. sampling rules ------------------------------------------------------------------
@@ -235,6 +236,11 @@ def test_official_checkpoint_loader_ignores_buffers_and_names_mismatches(tmp_pat
         load_official_checkpoint(fresh, sd)
     with pytest.raises(ValueError, match="mamba"):     # an M-VAR checkpoint into a VAR model
         load_official_checkpoint(tiny_model("var"), model.state_dict())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_official_checkpoint(fresh, tmp_path / "missing.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "official.pth").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        load_official_checkpoint(fresh, tmp_path / "cut.pth")
 
 
 def test_a_few_training_steps_lower_the_loss(tokenizer):
