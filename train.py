@@ -36,6 +36,7 @@ Shape glossary:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import gzip
@@ -629,8 +630,8 @@ def load_dataset(cfg: TrainConfig, split: str, download_ok: bool = True):
             parent = Path(cfg.data_dir or "data")
             archive = parent / "cifar-10-python.tar.gz"
             _download(CIFAR_URL, archive)
-            with tarfile.open(archive) as tar:
-                tar.extractall(parent, filter="data")
+            with tarfile.open(archive) as tar:   # the "data" filter refuses unsafe paths
+                tar.extractall(parent, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
             root = parent / "cifar-10-batches-py"
         if root is None:
             raise _missing("CIFAR-10", look, f"Pass --download to fetch {CIFAR_URL} into data/, "
@@ -1310,7 +1311,6 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
     RUN/<arch>_loss.png, RUN/<arch>_samples.png, RUN/<arch>_eval.json. Returns the model
     (eval mode), or None if the time budget / --stop_after ended this invocation first."""
     run, path = Path(cfg.out_dir), generator_path(cfg)
-    tok_path = run / "tokenizer.pt"
     cache = build_token_cache(cfg, d, tokenizer)
     pns = tokenizer.cfg.patch_nums
     if list(cache["patch_nums"]) != list(pns):
@@ -1402,7 +1402,7 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
             last = j == cfg.grad_accum - 1
             # DDP all-reduces gradients on every backward unless told not to: only the last
             # micro-batch needs it.
-            sync = net.no_sync() if (d.world_size > 1 and not last and hasattr(net, "no_sync")) else _nullcontext()
+            sync = net.no_sync() if (d.world_size > 1 and not last and hasattr(net, "no_sync")) else contextlib.nullcontext()
             with sync:
                 with autocast(d.device, amp_dtype):
                     logits = net(labels[sl], teacher)
@@ -1447,14 +1447,6 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
         print(f"wrote {path}, {run / f'{cfg.arch}_samples.png'}, {run / f'{cfg.arch}_loss.png'}")
     barrier(d)
     return model.eval()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ============================================================================================
