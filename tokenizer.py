@@ -166,8 +166,15 @@ class TokenizerConfig:
 
 
 # Presets. "var256" is exactly VAR's released vae_ch160v4096z32 (256px ImageNet, f=16).
-# "32px" (f=4, 8x8 latents) was chosen by measurement on Fashion-MNIST padded to 32x32 with a
-# 30-minute 2-core CPU budget: see the README section written from this file's report.
+#
+# "32px" (f=4, 8x8 latents, 1.1M parameters) was chosen by measurement for a 30-minute training
+# run on a 2-core CPU (Fashion-MNIST padded 28 -> 32 with -1, in_channels=1; CIFAR-10 uses 3).
+# Measured recipe: AdamW(betas 0.9, 0.95, no weight decay), lr 1e-3, batch 32,
+# loss = L1 + L2 (pixels) + vq_loss. One training image costs ~1/50 CPU-second (~50 img/s on
+# one thread). With dead-code restarts, after 50k images (constant lr, no decay yet) the 10k
+# test images reach 24.9 dB PSNR and every scale uses many codes (1x1 scale: 32 codes,
+# 8x8 scale: all 512). Without restarts the same run collapses to 2-8 codes per coarse scale.
+# ch=64 costs 3x more per image; vocab_size=1024 gave no better PSNR at equal budget.
 TOKENIZER_PRESETS: Dict[str, dict] = {
     "32px": dict(
         image_size=32, in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
