@@ -949,6 +949,22 @@ def _should_stop(cfg: TrainConfig, deadline: float, steps_done_here: int, d: Dis
     return all_ranks_agree(stop, d)
 
 
+def _checkpoint_or_stop(cfg: TrainConfig, d: DistInfo, deadline: float, step: int, total: int,
+                        steps_here: int, checkpoint, bar, stage: str, path) -> bool:
+    """End of an optimizer step, shared by both stages: checkpoint every ckpt_every steps, at
+    the last step, and when the time budget / --stop_after ends this invocation. Returns True
+    when the caller should stop now (a later run of the same command resumes)."""
+    stop = _should_stop(cfg, deadline, steps_here, d)
+    if step % cfg.ckpt_every == 0 or step == total or stop:
+        checkpoint(done=step == total)
+    if stop and step < total:
+        bar.close()
+        if d.is_main:
+            print(f"{stage}: stopped at step {step}/{total} (checkpoint {path}); run the same command to resume")
+        return True
+    return False
+
+
 # ============================================================================================
 # 8. Stage 1: the multi-scale VQ tokenizer
 # ============================================================================================
@@ -1118,13 +1134,7 @@ def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -
                         used="/".join(str(int(u)) for u in stats["used"]))
         if step % cfg.image_every == 0:
             recon_grid()
-        stop = _should_stop(cfg, deadline, steps_here, d)
-        if step % cfg.ckpt_every == 0 or step == total or stop:
-            checkpoint(done=step == total)
-        if stop and step < total:
-            bar.close()
-            if d.is_main:
-                print(f"stage 1: stopped at step {step}/{total} (checkpoint {path}); run the same command to resume")
+        if _checkpoint_or_stop(cfg, d, deadline, step, total, steps_here, checkpoint, bar, "stage 1", path):
             return None
     bar.close()
     recon_grid()
@@ -1431,13 +1441,7 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
                         gnorm=f"{float(grad_norm):.2f}", tok_s=f"{tok_s:.0f}")
         if step % cfg.image_every == 0 and step < total:
             pictures(final=False)
-        stop = _should_stop(cfg, deadline, steps_here, d)
-        if step % cfg.ckpt_every == 0 or step == total or stop:
-            checkpoint(done=step == total)
-        if stop and step < total:
-            bar.close()
-            if d.is_main:
-                print(f"stage 2: stopped at step {step}/{total} (checkpoint {path}); run the same command to resume")
+        if _checkpoint_or_stop(cfg, d, deadline, step, total, steps_here, checkpoint, bar, "stage 2", path):
             return None
     bar.close()
     if d.is_main:
