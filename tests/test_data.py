@@ -46,18 +46,21 @@ def write_fmnist(root: Path, n_train=7, n_test=3, seed=0, labels_max=9):
 
 def test_fashion_mnist_idx_roundtrip(tmp_path):
     data = write_fmnist(tmp_path / "fm")
-    for split in ("train", "test"):
-        cfg = train.make_config("fashion-mnist", data_dir=str(tmp_path / "fm"))
+    # 28 = the preset (images as they are); 32 = zero-padded, centred.
+    for split, size in (("train", 28), ("test", 28), ("train", 32)):
+        cfg = train.make_config("fashion-mnist", data_dir=str(tmp_path / "fm"), image_size=size)
         ds = train.load_dataset(cfg, split)
         imgs, labels = data[split]
         assert len(ds) == len(imgs) and ds.num_classes == 10
+        pad = (size - 28) // 2
         for i in range(len(ds)):
             x, y = ds[i]
-            assert x.shape == (1, 32, 32) and x.dtype == torch.float32
+            assert x.shape == (1, size, size) and x.dtype == torch.float32
             assert y == labels[i]
             u = to_uint8(x)[0]
-            np.testing.assert_array_equal(u[2:30, 2:30], imgs[i])       # centred
-            assert u.sum() - u[2:30, 2:30].sum() == 0                    # padding = background 0
+            inner = u[pad:pad + 28, pad:pad + 28]
+            np.testing.assert_array_equal(inner, imgs[i])
+            assert u.sum() - inner.sum() == 0                          # padding = background 0
             assert x.min() >= -1 and x.max() <= 1
 
 
@@ -109,7 +112,10 @@ def test_real_fashion_mnist():
     for ds, per_class in ((tr, 6000), (te, 1000)):
         assert torch.equal(torch.bincount(ds.labels, minlength=10), torch.full((10,), per_class))
     x, _ = tr[0]
-    assert x.shape == (1, 32, 32) and x[:, :2].eq(-1).all()  # padded rows are background
+    assert x.shape == (1, 28, 28) and x.max() > 0.9           # the preset keeps the native size
+    x32, _ = train.load_dataset(train.make_config("fashion-mnist", image_size=32), "test")[0]
+    assert x32.shape == (1, 32, 32) and x32[:, :2].eq(-1).all()   # padded rows are background
+    assert torch.equal(x32[:, 2:30, 2:30], te[0][0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,17 @@ def test_cli_overrides_and_presets():
     assert train.parse_args(["--preset", "fashion-mnist"]).dataset == "fashion-mnist"
 
 
+def test_every_preset_builds_a_valid_tokenizer_config():
+    # TokenizerConfig refuses a scale schedule that does not end at the latent size, so a preset
+    # that changes image_size without patch_nums (or the reverse) fails here, not an hour in.
+    for name in train.PRESETS:
+        cfg = train.make_config(name)
+        tok = train.tokenizer_config_for(cfg, in_channels=3)
+        assert tok.image_size == cfg.image_size and tok.patch_nums[-1] == tok.latent_size, name
+    fm = train.tokenizer_config_for(train.make_config("fashion-mnist"), in_channels=1)
+    assert (fm.image_size, fm.latent_size, sum(p * p for p in fm.patch_nums)) == (28, 7, 88)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tok_lrr", "1"], "unknown argument.*--tok_lrr.*did you mean --tok_lr"),
     (["--hflip", "maybe"], "expected a boolean"),
