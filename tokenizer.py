@@ -126,7 +126,8 @@ class TokenizerConfig:
             bad(f"patch_nums must be strictly increasing (coarse to fine), got {pns}")
         if pns[-1] != latent:
             bad(f"patch_nums must end at the latent size image_size / 2**(len(ch_mult)-1) = "
-                f"{self.image_size}/{factor} = {latent}, but it ends at {pns[-1]} (patch_nums={pns})")
+                f"{self.image_size}/{factor} = {latent}, but it ends at {pns[-1]} (patch_nums={pns}); "
+                f"choose patch_nums ending at {latent} (train.py: --patch_nums)")
         if not 1 <= self.share_quant_resi <= len(pns):
             bad(f"share_quant_resi must be between 1 and len(patch_nums)={len(pns)}, "
                 f"got {self.share_quant_resi}")
@@ -504,9 +505,11 @@ class MultiScaleVQVAE(nn.Module):
             raise ValueError(
                 f"tokenizer expects images of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}) "
                 f"(in_channels={cfg.in_channels}, image_size={cfg.image_size}), got {tuple(img.shape)}. "
-                f"Fix: resize/pad the images (e.g. Fashion-MNIST 28x28 -> pad to 32x32 with -1), convert "
-                f"grey <-> RGB, or build the tokenizer for your data, e.g. "
-                f"tokenizer_config(..., in_channels={img.shape[1] if img.dim() == 4 else '?'}).")
+                f"Fix: resize/pad the images to {cfg.image_size}x{cfg.image_size}, convert "
+                f"grey <-> RGB, or build the tokenizer for your data: tokenizer_config(..., "
+                f"in_channels={img.shape[1] if img.dim() == 4 else '?'}, image_size=S, patch_nums ending "
+                f"at S / {2 ** (len(cfg.ch_mult) - 1)}), e.g. image_size=28, patch_nums=(1, 2, 3, 5, 7) "
+                f"for 28x28 images with the 32px preset.")
         # One cheap reduction catches the most common mistake: [0, 1] or [0, 255] pixels.
         if img.numel() and img.detach().abs().amax() > 1.5:
             raise ValueError(f"tokenizer expects pixel values in [-1, 1], got max |x| = "

@@ -21,7 +21,7 @@ tokenizer_loss.png (stage 1); tokens.pt (the cache); <arch>.pt, <arch>_eval.json
 
 Usage:
     python train.py                                   # tiny built-in data, both stages, CPU ok
-    python train.py --preset fashion-mnist            # both stages, ~37 min on 2 CPU cores
+    python train.py --preset fashion-mnist            # both stages, 37 min on an idle 2-core CPU
     python train.py --preset fashion-mnist --stage generator --arch var   # VAR, same tokens
     torchrun --nproc_per_node=8 train.py --preset imagenet256-d16 \
         --data_dir /data/imagenet --vae_ckpt /ckpt/vae_ch160v4096z32.pth
@@ -105,7 +105,7 @@ class TrainConfig:
     # --- stage 1: tokenizer ----------------------------------------------------------------
     # The tokenizer architecture comes from tokenizer.py's preset (--tok_preset); a non-zero /
     # non-empty value below overrides that field of the preset.
-    tok_preset: str = _f("32px", "tokenizer preset in tokenizer.py: 32px (8x8 latents) | var256")
+    tok_preset: str = _f("32px", "tokenizer preset in tokenizer.py: 32px (8x8 latents at 32 px, 7x7 at 28) | var256")
     tok_ch: int = _f(0, "tokenizer base channels (0 = the preset's)")
     tok_ch_mult: tuple = _f((), "tokenizer channel multipliers, one per level (empty = the preset's)")
     tok_z_channels: int = _f(0, "tokenizer latent channels Cvae (0 = the preset's)")
@@ -157,10 +157,11 @@ _IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256", patch_nu
                  gen_batch=768, samples_per_class=1)
 PRESETS = {
     "tiny": dict(),
-    # Both stages in 37 minutes on a 2-core CPU (README "Fashion-MNIST in 40 minutes"): the
-    # native 28x28 images (no padding) with the 32px tokenizer's layers give 7x7 latents and
-    # 5 scales, L = 88 tokens; 1 tokenizer epoch; the tiny generator for 1.6 epochs at batch 32
-    # (peak lr 1e-3): many small steps learn more per CPU-second than few big ones.
+    # Both stages in 37 minutes on an idle 2-core CPU with 2 threads (~1 h with 1 thread; README
+    # "Fashion-MNIST in 40 minutes"): the native 28x28 images (no padding) with the 32px
+    # tokenizer's layers give 7x7 latents and 5 scales, L = 88 tokens; 1 tokenizer epoch; the
+    # tiny generator for 1.6 epochs at batch 32, base_lr 8e-3 per 256 images = peak lr 1e-3:
+    # many small steps learn more per CPU-second than few big ones.
     "fashion-mnist": dict(dataset="fashion-mnist", image_size=28, patch_nums=(1, 2, 3, 5, 7),
                           tok_epochs=1.0, tok_batch=32, tok_lr=1e-3,
                           gen_batch=32, base_lr=8e-3, gen_epochs=1.6, cfg_scale=3.0),

@@ -1,4 +1,4 @@
-"""Does the sample grid show each class recognisably? A classifier answers (README "Sample quality").
+"""Does the sample grid show each class recognisably? A classifier answers (README "Measured results").
 
 Trains a small CNN (plain torch, a few conv layers) on the training split of the dataset a
 generator was trained on (train.py's loader: the built-in "shapes" data or Fashion-MNIST),
@@ -20,7 +20,7 @@ overridden, and a fixed seed.
     python benchmarks/sample_quality.py --dataset fashion-mnist     # classifier only, no generator
 
 Cost on a 2-core CPU: each classifier trains for 400 steps of 128 images, about a minute for
-16px shapes and two for 32px Fashion-MNIST; sampling 20 images per class of a small generator
+16px shapes and two for 28px Fashion-MNIST; sampling 20 images per class of a small generator
 takes seconds to a minute.
 
 Shape glossary:
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
     for name, n, acc, _, _ in rows:
         print(f"{name:38} {n:>7} " + " ".join(f"{100 * acc[m]:>16.1f}%" for m in modes))
     mode = modes[-1]
-    print(f"\nPer-class accuracy, {head[mode]} (%):")
+    print("\nPer-class accuracy (%)" + (f", {head[mode]}:" if len(modes) == 2 else ":"))
     print(f"{'':38} " + " ".join(f"{c[:9]:>9}" for c in names))
     for name, _, _, per, _ in rows:
         print(f"{name:38} " + " ".join(f"{100 * a:>9.0f}" if a is not None else f"{'-':>9}" for a in per[mode]))

@@ -253,3 +253,16 @@ def test_sample_quality_benchmark_runs_and_caches_its_classifier(run):
     assert [r["images"] for r in first["rows"]] == [8, 8, NUM_CLASSES]
     for r in first["rows"]:
         assert all(0 <= a <= 1 for a in r["accuracy"].values()) and len(r["per_class"]["grey"]) == NUM_CLASSES
+
+
+def test_sample_quality_classifier_sizes():
+    # The pools round up, so any even side works (28 px Fashion-MNIST: 14 -> 7 -> 4); a wrong
+    # size of the final linear layer would raise in the forward pass.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sample_quality
+    for side in (16, 28, 30, 32):
+        clf = sample_quality.SmallCNN(1, 10, side)
+        assert clf(torch.zeros(2, 1, side, side)).shape == (2, 10)
+        assert clf.fc.in_features == 64 * ((side + 7) // 8) ** 2           # ceil(side / 8)^2
+    with pytest.raises(ValueError, match="even"):
+        sample_quality.SmallCNN(1, 10, 27)
