@@ -1468,6 +1468,7 @@ def main(argv=None) -> dict:
     """Run the requested stage(s). Returns {"tokenizer": ..., "generator": ...} (the trained
     modules, or None for a stage that did not run to the end)."""
     cfg = parse_args(argv)
+    tokenizer_config_for(cfg, in_channels=3)   # an impossible scale schedule fails here, before any work
     d = setup_distributed(cfg.device)
     deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
     if d.is_main:
@@ -1490,4 +1491,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Bad settings, data or checkpoints raise ValueError / FileNotFoundError with a message that
+    # says what is wrong and how to fix it; print just that (as sample.py does), no traceback.
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

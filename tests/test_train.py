@@ -370,3 +370,13 @@ def test_torchrun_two_processes(tmp_path):
     cache = torch.load(run / "tokens.pt", weights_only=True)
     assert torch.equal(cache["train"]["idx"].long(), torch.cat(tokenizer.img_to_idx(img), 1))
     assert torch.equal(cache["train"]["idx_flip"].long(), torch.cat(tokenizer.img_to_idx(img.flip(-1)), 1))
+
+
+def test_cli_bad_settings_are_one_line_errors_before_any_work(tmp_path):
+    # 32 px images need a schedule ending at the 8x8 latent; the preset's ends at 7.
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "--preset", "fashion-mnist", "--image_size", "32",
+                           "--out_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "--patch_nums" in proc.stderr
+    assert not out.exists()                                  # refused before touching the run folder
