@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from mvar import MVAR, MVARConfig, load_official_checkpoint
 from tokenizer import MultiScaleVQVAE, load_tokenizer_state, tokenizer_config
-from train import autocast, load_generator, save_image_grid
+from train import autocast, load_generator, run_cli, save_image_grid
 
 # The sampling setting of the official FID numbers (M-VAR / VAR repositories; SPEC 4.3).
 OFFICIAL_FID = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
@@ -301,8 +300,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

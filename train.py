@@ -1490,11 +1490,16 @@ def main(argv=None) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    # Bad settings, data or checkpoints raise ValueError / FileNotFoundError with a message that
-    # says what is wrong and how to fix it; print just that (as sample.py does), no traceback.
+def run_cli(entry_point) -> None:
+    """Run a script's main(). Bad settings, data or checkpoints raise ValueError /
+    FileNotFoundError with a message that says what is wrong and how to fix it: print just that
+    as one line and exit with status 2 -- a traceback would only bury it. (Used by sample.py too.)"""
     try:
-        main()
+        entry_point()
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(main)
