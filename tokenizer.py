@@ -507,9 +507,8 @@ class MultiScaleVQVAE(nn.Module):
                 f"(in_channels={cfg.in_channels}, image_size={cfg.image_size}), got {tuple(img.shape)}. "
                 f"Fix: resize/pad the images to {cfg.image_size}x{cfg.image_size}, convert "
                 f"grey <-> RGB, or build the tokenizer for your data: tokenizer_config(..., "
-                f"in_channels={img.shape[1] if img.dim() == 4 else '?'}, image_size=S, patch_nums ending "
-                f"at S / {2 ** (len(cfg.ch_mult) - 1)}), e.g. image_size=28, patch_nums=(1, 2, 3, 5, 7) "
-                f"for 28x28 images with the 32px preset.")
+                f"in_channels={img.shape[1] if img.dim() == 4 else '?'}, image_size=S, patch_nums "
+                f"ending at S / {2 ** (len(cfg.ch_mult) - 1)}).")
         # One cheap reduction catches the most common mistake: [0, 1] or [0, 255] pixels.
         if img.numel() and img.detach().abs().amax() > 1.5:
             raise ValueError(f"tokenizer expects pixel values in [-1, 1], got max |x| = "

@@ -148,8 +148,6 @@ class TrainConfig:
 # d24 --ep=350 --tblr=8e-5 --alng=1e-4 --wpe=0.01; d30 --bs=1024 --ep=350 --tblr=8e-5
 # --alng=1e-5 --wpe=0.01 --twde=0.08; warm-up ep/50 (VAR's default), base lr 1e-4 per 256.
 # VAR trains those in fp16; we default to bf16 on GPUs that support it (no loss scaling).
-_32PX = dict(image_size=32, patch_nums=(),           # the tokenizer preset's 8x8 pyramid
-             width=0, num_heads=0)                  # VAR's size rule
 _IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256", patch_nums=(),
                  width=0, num_heads=0,
                  vae_ckpt="data/vae_ch160v4096z32.pth", base_lr=1e-4, num_workers=8,
@@ -165,7 +163,9 @@ PRESETS = {
     "fashion-mnist": dict(dataset="fashion-mnist", image_size=28, patch_nums=(1, 2, 3, 5, 7),
                           tok_epochs=1.0, tok_batch=32, tok_lr=1e-3,
                           gen_batch=32, base_lr=8e-3, gen_epochs=1.6, cfg_scale=3.0),
-    "cifar10": dict(_32PX, dataset="cifar10", hflip=True, tok_ch=64, tok_epochs=40.0, depth=8,
+    # 32px tokenizer with its own 8x8 pyramid (patch_nums=()), VAR's size rule (width, heads = 0).
+    "cifar10": dict(image_size=32, patch_nums=(), width=0, num_heads=0,
+                    dataset="cifar10", hflip=True, tok_ch=64, tok_epochs=40.0, depth=8,
                     gen_batch=256, base_lr=4e-4, gen_epochs=200.0, ckpt_every=2000,
                     image_every=2000, num_workers=2),
     "imagenet256-d16": dict(_IMAGENET, depth=16, gen_epochs=200.0, alng=1e-3, end_lr_ratio=0.1),
