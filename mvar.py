@@ -33,8 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import load_state_dict_checked
-
 
 # ---------------------------------------------------------------------------------------------
 # 1. The selective state-space scan (SPEC 4.1)
@@ -884,33 +882,3 @@ def compute_loss(logits, idx_list):
             acc.append(hit[:, start:start + idx.shape[1]].mean())
             start += idx.shape[1]
     return loss, torch.stack(acc)
-
-
-# Buffers the official checkpoints carry that this implementation computes instead.
-_OFFICIAL_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "patch_nums")
-
-
-def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> dict:
-    """Load a released M-VAR / VAR generator `.pth` into `model` (strict).
-
-    The buffers in _OFFICIAL_BUFFERS are ignored (this file recomputes them); any other
-    difference raises a ValueError naming the missing, unexpected and wrongly shaped
-    parameters. Returns {"loaded": number of tensors, "ignored_buffers": [names]}."""
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
-        try:
-            sd = torch.load(sd, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no checkpoint at {sd}: download the released .pth (see "
-                                    f"README, 'Released weights') or fix the path") from None
-        except Exception as e:   # truncated download, not a torch file, pickled objects
-            raise ValueError(f"{sd} is not a readable torch checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}); download it again") from e
-    for wrapper in ("model", "state_dict"):   # some releases nest the weights one level down
-        if isinstance(sd.get(wrapper), dict) and "head.weight" not in sd:
-            sd = sd[wrapper]
-    ignored = sorted(k for k in sd if k.rsplit(".", 1)[-1] in _OFFICIAL_BUFFERS)
-    sd = {k: v for k, v in sd.items() if k not in ignored}
-    load_state_dict_checked(model, sd, what=f"{model.cfg.arch} generator",
-                            hint="check --arch, depth, patch_nums and vocab_size")
-    return {"loaded": len(sd), "ignored_buffers": ignored}

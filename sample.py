@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mvar import MVAR, MVARConfig, load_official_checkpoint
-from tokenizer import MultiScaleVQVAE, load_tokenizer_state, tokenizer_config
+from checkpoints import load_official_checkpoint, load_tokenizer_state
+from mvar import MVAR, MVARConfig
+from tokenizer import MultiScaleVQVAE, tokenizer_config
 from train import autocast, load_generator, run_cli, save_image_grid
 
 # The sampling setting of the official FID numbers (M-VAR / VAR repositories; SPEC 4.3).

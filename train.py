@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mvar import MVAR, MVARConfig, compute_loss
-from tokenizer import (MultiScaleVQVAE, TokenizerConfig, code_usage, load_state_dict_checked,
-                       load_tokenizer_state, load_var_checkpoint, psnr, tokenizer_config)
+from checkpoints import load_state_dict_checked, load_tokenizer_state, load_var_checkpoint
+from tokenizer import MultiScaleVQVAE, TokenizerConfig, code_usage, psnr, tokenizer_config
 
 
 # ============================================================================================

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvar import (MVAR, MVARConfig, attention_pairs, compute_loss, load_official_checkpoint,
-                  sample_top_k_top_p, scale_spans)
+from checkpoints import load_official_checkpoint
+from mvar import MVAR, MVARConfig, attention_pairs, compute_loss, sample_top_k_top_p, scale_spans
 from tokenizer import MultiScaleVQVAE, TokenizerConfig
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mvar_d16_keys.txt"
+REFERENCE = Path(__file__).resolve().parent / "reference" / "mvar_d16_keys.txt"
 PATCH_NUMS = (1, 2, 3, 4)       # L = 30: small, but with scales of several sizes
 
 
@@ -207,14 +207,14 @@ def test_d16_parameter_counts_match_the_papers():
     model, n_mvar = _count("mvar")
     assert n_mvar == 464_157_440          # paper: M-VAR-d16 464M
     assert n_var == 310_283_520           # VAR paper: VAR-d16 310M
-    if REFERENCE.exists():                # names and shapes of the official checkpoint
-        ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-        for line in REFERENCE.read_text().splitlines():
-            name, shape = line.split(" ")[0], line[line.index("["):line.index("]") + 1]
-            if "(buffer)" in line:
-                continue
-            assert name in ours, f"missing parameter {name}"
-            assert ours[name] == [int(d) for d in shape.strip("[]").split(",")], name
+    # names and shapes of the official checkpoint
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for line in REFERENCE.read_text().splitlines():
+        name, shape = line.split(" ")[0], line[line.index("["):line.index("]") + 1]
+        if "(buffer)" in line:
+            continue
+        assert name in ours, f"missing parameter {name}"
+        assert ours[name] == [int(d) for d in shape.strip("[]").split(",")], name
 
 
 def test_official_checkpoint_loader_ignores_buffers_and_names_mismatches(tmp_path):
@@ -236,10 +236,10 @@ def test_official_checkpoint_loader_ignores_buffers_and_names_mismatches(tmp_pat
         load_official_checkpoint(fresh, sd)
     with pytest.raises(ValueError, match="mamba"):     # an M-VAR checkpoint into a VAR model
         load_official_checkpoint(tiny_model("var"), model.state_dict())
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_official_checkpoint(fresh, tmp_path / "missing.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "official.pth").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match="corrupt"):
         load_official_checkpoint(fresh, tmp_path / "cut.pth")
 
 
