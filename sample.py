@@ -1,40 +1,35 @@
-"""sample.py -- draw images from a trained M-VAR (or VAR) generator: grids, coarse-to-fine
-strips, .npz files for FID, and a measured images/s.
+"""sample.py -- draw images from a trained M-VAR (or VAR) generator.
 
     python sample.py --ckpt runs/tiny/mvar.pt                      # class grid PNG in runs/tiny/
     python sample.py --ckpt runs/tiny/mvar.pt --classes 0-3 --per_class 8 --strip
     python sample.py --ckpt runs/tiny/var.pt --cfg 3 --top_k 100 --out grid.png
     python sample.py --ckpt RUN/mvar.pt --npz 10000 --batch 250    # FID input, classes balanced
-    # the released ImageNet 256 weights (M-VAR or VAR), with VAR's released tokenizer:
     python sample.py --official mvar_d16.pth --arch mvar --depth 16 \
-        --vae_ckpt vae_ch160v4096z32.pth --npz 50000 --batch 125 --out samples/
+        --vae_ckpt vae_ch160v4096z32.pth --npz 50000 --batch 125  # the released ImageNet weights
 
-What it writes (the file names are `<arch>_grid.png`, `<arch>_strip.png`, `<arch>_<N>.npz` in
---out, which is a folder, or the name of a .png grid / .npz file):
-  * grid   one column per class, --per_class rows.
-  * strip  (--strip) the picture decoded after every scale, coarse to fine: one row per grid
-           sample, one column per scale. This is how M-VAR / VAR generate (SPEC section 1).
-  * npz    (--npz N, instead of the grid) N samples in the layout of the standard ImageNet
-           FID evaluator (openai/guided-diffusion `evaluations/evaluator.py`): `arr_0` uint8
-           (N, H, W, 3) -- grey images are replicated to 3 channels -- and the class of each
-           sample in `arr_1`. Classes are balanced: sample i has class classes[i % #classes].
+Generation itself is `MVAR.generate` (mvar.py): class label -> K token maps, one scale at a time,
+coarse to fine -> the tokenizer decodes them to pixels. This file only batches it and writes:
+  * grid   one column per class (labelled with its name), --per_class rows;
+  * strip  (--strip) the picture decoded after every scale, one row per grid sample: the
+           coarse-to-fine order in which M-VAR / VAR draw an image;
+  * npz    (--npz N, instead of the grid) N samples for the standard ImageNet FID evaluator
+           (openai/guided-diffusion): `arr_0` uint8 (N, S, S, 3), the classes in `arr_1`;
+           sample i has class classes[i % #classes], so every prefix is balanced.
+Files are `<arch>_grid.png`, `<arch>_strip.png`, `<arch>_<N>.npz` in --out (a folder), or --out
+names the .png / .npz file. Sampling settings default to the checkpoint's (train.py's
+--cfg_scale / --top_k / --top_p) or, for --official weights, to the setting of the papers' FID
+numbers. The same seed, batch size and device give the same images. images/s counts generation
+and decoding, not loading.
 
-Sampling settings default to the checkpoint's (train.py's --cfg_scale/--top_k/--top_p) or, for
---official weights, to the official FID setting (cfg 1.5, top-k 900, top-p 0.96; SPEC 4.3).
-The same seed, batch size and device give the same images. On CUDA the generator runs under
-bf16 autocast (--precision fp32 turns it off). images/s counts generation and decoding only,
-not loading the model.
-
-Shape glossary:
-    N    number of images written          B    images per batch (--batch)
-    C    image channels (1 or 3)           H, W image height, width
-    K    number of scales (len(patch_nums))
+Shape letters: n images written, B images per batch, Cimg image channels, S image side,
+K scales.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -42,175 +37,109 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_official_checkpoint, load_tokenizer_state
-from mvar import MVAR, MVARConfig
-from tokenizer import MultiScaleVQVAE, tokenizer_config
-from train import autocast, load_generator, run_cli, save_image_grid
+from data import save_image_grid, to_uint8_nhw3
+from runs import autocast, load_generator, load_official
 
-# The sampling setting of the official FID numbers (M-VAR / VAR repositories; SPEC 4.3).
+# The sampling setting behind the published FID numbers (VAR and M-VAR: cfg 1.5, top-k 900,
+# top-p 0.96, no gumbel smoothing).
 OFFICIAL_FID = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
-VAE_URL = "https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth"
 
 
-# ============================================================================================
-# 1. Parsing the small things: classes, device
-# ============================================================================================
-
-def parse_classes(text: str, num_classes: int) -> list[int]:
-    """"0-9" / "3,5,7" / "0-3,8" / "all" -> the class ids in the order given, each checked to
-    lie in [0, num_classes - 1]."""
-    if text.strip().lower() == "all":
-        return list(range(num_classes))
-    ids = []
-    for part in filter(None, text.replace(" ", "").split(",")):
-        if m := re.fullmatch(r"(\d+)-(\d+)", part):          # an inclusive range a-b
-            if int(m[2]) < int(m[1]):
-                raise ValueError(f"--classes {text!r}: the range {part} is empty")
-            ids += range(int(m[1]), int(m[2]) + 1)
-        elif re.fullmatch(r"-?\d+", part):
-            ids.append(int(part))
-        else:
-            raise ValueError(f"--classes {text!r}: expected ids and ranges like 0-9 or 1,5,7 or all")
-    if not ids:
-        raise ValueError(f"--classes {text!r} names no class")
-    bad = [c for c in ids if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"class label(s) {bad[:5]} out of range: this model has {num_classes} "
-                         f"classes, valid labels are 0..{num_classes - 1}")
-    return ids
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto | cpu | cuda | cuda:N | mps -> torch.device (auto: CUDA, else MPS, else CPU)."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch.cuda.is_available() is False; use --device cpu")
-    if name == "mps" and not mps:
-        raise ValueError("--device mps: the MPS backend is not available here; use --device cpu")
-    return torch.device(name)
-
-
-# ============================================================================================
-# 2. Loading: a train.py run, or the officially released weights
-# ============================================================================================
-
-def load_state_dict_file(path, what: str, how_to_get: str) -> dict:
-    """A .pth state dict -> dict, with clear errors for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist. {how_to_get}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:        # truncated zip, bad pickle, foreign objects
-        raise ValueError(f"{what} {path} is corrupt or not a torch state dict "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    if not isinstance(sd, dict):
-        raise ValueError(f"{what} {path} holds a {type(sd).__name__}, not a state dict")
-    return sd
-
-
-def load_official(path, arch: str, depth: int, vae_ckpt, device, overrides: dict | None = None):
-    """Released ImageNet-256 weights -> (generator, tokenizer), both in eval mode on `device`.
-
-    The generator is MVARConfig(arch, depth) with ImageNet's 1000 classes and VAR's 256px
-    pyramid; the tokenizer is the "var256" preset, i.e. VAR's vae_ch160v4096z32.pth
-    (what tokenizer.load_var_checkpoint builds). `overrides` = {"model": {...}, "tokenizer":
-    {...}} changes config fields; it exists so the tests can load small fake weights.
-    """
-    overrides = overrides or {}
-    model = MVAR(MVARConfig(**{"arch": arch, "depth": depth, "num_classes": 1000, **overrides.get("model", {})}))
-    sd = load_state_dict_file(path, f"{arch} generator checkpoint",
-                              "Pass the released .pth of the official M-VAR / VAR repository.")
-    load_official_checkpoint(model, sd)
-    tok = MultiScaleVQVAE(tokenizer_config("var256", **overrides.get("tokenizer", {})))
-    load_tokenizer_state(tok, load_state_dict_file(
-        vae_ckpt, "VAR tokenizer", f"Download it (436 MB): wget -O {vae_ckpt} {VAE_URL}"))
-    return model.to(device).eval(), tok.to(device).eval().requires_grad_(False)
-
-
-def load_models(args, device):
-    """-> (model, tokenizer, defaults {cfg, top_k, top_p}, default output folder)."""
-    if bool(args.ckpt) == bool(args.official):
-        raise ValueError("pass exactly one of --ckpt RUN/<arch>.pt (a train.py run) or "
-                         "--official PATH.pth (released weights, with --arch, --depth, --vae_ckpt)")
-    if args.ckpt:
-        model, tok, ck = load_generator(args.ckpt, device, tokenizer_path=args.tokenizer or None)
-        t = ck["config"]["train"]
-        defaults = {"cfg": t["cfg_scale"], "top_k": t["top_k"], "top_p": t["top_p"]}
-        return model, tok, defaults, Path(args.ckpt).parent
-    try:
-        overrides = json.loads(args.official_config) if args.official_config else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--official_config is not valid JSON: {e}") from e
-    model, tok = load_official(args.official, args.arch, args.depth, args.vae_ckpt, device, overrides)
-    return model, tok, dict(OFFICIAL_FID), Path("samples")
-
-
-# ============================================================================================
-# 3. Sampling in batches
-# ============================================================================================
-
+@torch.no_grad()
 def sample_images(model, tokenizer, labels: torch.Tensor, batch: int, settings: dict, device,
                   amp_dtype=None, seed: int = 0, strip: bool = False, desc: str = "sampling"):
-    """Generate one image per label, `batch` at a time.
-
-    labels (N,) -> images (N, C, H, W) float in [0, 1] on the CPU, the per-scale pictures
-    (N, K, C, H, W) or None, and the seconds spent (generation + decoding; CUDA synchronised).
-    One torch.Generator seeded once drives every batch, so the output is a function of
-    (seed, batch, device).
-    """
+    """labels (n,) -> images (n, Cimg, S, S) in [0, 1] on the CPU, the picture after every scale
+    (n, K, Cimg, S, S) or None, and the seconds spent (CUDA synchronised). One generator seeded
+    once drives every batch, so the output is a function of (seed, batch, device)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     images, scales = [], []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    for start in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True,
-                      disable=len(labels) <= batch):
-        lab = labels[start:start + batch].to(device)
+    for start in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True, disable=len(labels) <= batch):
         with autocast(device, amp_dtype):
-            out = model.generate(tokenizer, lab, cfg=settings["cfg"], top_k=settings["top_k"],
-                                 top_p=settings["top_p"], more_smooth=settings["more_smooth"],
-                                 generator=gen, return_scales=strip)
+            out = model.generate(tokenizer, labels[start:start + batch].to(device), cfg=settings["cfg"],
+                                 top_k=settings["top_k"], top_p=settings["top_p"],
+                                 more_smooth=settings["more_smooth"], generator=gen, return_scales=strip)
         img, per_scale = out if strip else (out, None)
         images.append(img.float().cpu())
         if strip:
             scales.append(torch.stack([s.float().cpu() for s in per_scale], dim=1))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    return torch.cat(images), (torch.cat(scales) if strip else None), seconds
+    return torch.cat(images), (torch.cat(scales) if strip else None), time.perf_counter() - t0
 
 
-def to_uint8_nhw3(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [0, 1] -> uint8 (N, H, W, 3), grey replicated to 3 channels (the FID
-    evaluator's input layout). Rounds to nearest, like save_image_grid."""
-    x = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
-        raise ValueError(f"expected 1 or 3 image channels, got {x.shape[1]}")
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+def main(argv=None) -> dict:
+    """Sample as the command line says. Returns {"grid", "strip", "npz": path or None,
+    "images": n, "seconds": s, "images_per_s": n/s, "settings": {...}}. Bad input raises
+    FileNotFoundError / ValueError with a message that says how to fix it."""
+    args = build_parser().parse_args(argv)
+    if args.per_class < 1 or args.batch < 1 or args.npz < 0:
+        raise ValueError("--per_class and --batch must be >= 1, --npz >= 0")
+    if args.npz and args.strip:
+        raise ValueError("--strip draws the grid's samples; --npz writes no grid: run them separately")
+    if bool(args.ckpt) == bool(args.official):
+        raise ValueError("pass exactly one of --ckpt RUN/<arch>.pt (a train.py run) or "
+                         "--official PATH.pth (released weights, with --arch, --depth, --vae_ckpt)")
+    device = resolve_device(args.device)
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else None
+
+    if args.ckpt:
+        model, tok, ck = load_generator(args.ckpt, device, tokenizer_path=args.tokenizer or None)
+        t = ck["config"]["train"]
+        defaults, default_dir = {"cfg": t["cfg_scale"], "top_k": t["top_k"], "top_p": t["top_p"]}, Path(args.ckpt).parent
+        class_names = ck.get("class_names") or []
+    else:
+        try:
+            overrides = json.loads(args.official_config) if args.official_config else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--official_config is not valid JSON: {e}") from e
+        model, tok = load_official(args.official, args.arch, args.depth, args.vae_ckpt, device, overrides)
+        defaults, default_dir, class_names = dict(OFFICIAL_FID), Path("samples"), []
+    settings = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+    settings["more_smooth"] = args.more_smooth
+    num_classes = model.cfg.num_classes
+    classes = parse_classes(args.classes, num_classes) if args.classes else \
+        list(range(num_classes if args.npz else min(10, num_classes)))
+    paths = output_paths(args.out, default_dir, model.cfg.arch, args.npz)
+    print(f"{model.cfg.arch} generator, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{num_classes} classes, on {device}{' (bf16)' if amp_dtype else ''}; cfg {settings['cfg']}, "
+          f"top_k {settings['top_k']}, top_p {settings['top_p']}, more_smooth {args.more_smooth}, seed {args.seed}")
+
+    result = {"grid": None, "strip": None, "npz": None, "settings": settings}
+    if args.npz:
+        labels = torch.tensor(classes)[torch.arange(args.npz) % len(classes)]
+        if args.npz % len(classes):
+            print(f"note: {args.npz} samples over {len(classes)} classes: counts differ by one")
+        images, _, seconds = sample_images(model, tok, labels, args.batch, settings, device, amp_dtype, args.seed, desc="npz")
+        paths["npz"].parent.mkdir(parents=True, exist_ok=True)
+        np.savez(paths["npz"], arr_0=to_uint8_nhw3(images), arr_1=labels.numpy().astype(np.int64))
+        result["npz"] = paths["npz"]
+    else:
+        labels = torch.tensor(classes).repeat(args.per_class)   # row r: sample r of every class
+        images, scales, seconds = sample_images(model, tok, labels, args.batch, settings, device,
+                                                amp_dtype, args.seed, strip=args.strip, desc="grid")
+        names = [class_names[c] if c < len(class_names) else str(c) for c in classes]
+        save_image_grid(images, paths["grid"], len(classes), column_labels=names)
+        result["grid"] = paths["grid"]
+        if args.strip:                                           # one column per scale
+            pns = tok.cfg.patch_nums
+            save_image_grid(scales.flatten(0, 1), paths["strip"], len(pns),
+                            column_labels=[f"{p}x{p}" for p in pns], row_labels=[names[i % len(names)] for i in range(len(labels))])
+            result["strip"] = paths["strip"]
+    result.update(images=len(labels), seconds=seconds, images_per_s=len(labels) / seconds)
+    for kind in ("grid", "strip", "npz"):
+        if result[kind]:
+            print(f"wrote {result[kind]}")
+    print(f"{len(labels)} images in {seconds:.2f} s: {result['images_per_s']:.2f} images/s "
+          f"(generation + decoding, batch {args.batch}, model load excluded)")
+    return result
 
 
-def output_paths(out: str, default_dir: Path, name: str, n_npz: int) -> dict:
-    """--out (a folder, a .png grid name or a .npz name) -> {"grid", "strip", "npz"} paths."""
-    p = Path(out) if out else default_dir
-    if p.suffix.lower() in (".png", ".npz"):
-        stem, folder = p.stem, p.parent
-        return {"grid": p if p.suffix.lower() == ".png" else folder / f"{stem}.png",
-                "strip": folder / f"{stem}_strip.png",
-                "npz": p if p.suffix.lower() == ".npz" else folder / f"{stem}_{n_npz}.npz"}
-    if p.suffix:
-        raise ValueError(f"--out {out}: give a folder, or a file name ending in .png or .npz")
-    return {"grid": p / f"{name}_grid.png", "strip": p / f"{name}_strip.png",
-            "npz": p / f"{name}_{n_npz}.npz"}
-
-
-# ============================================================================================
-# 4. main
-# ============================================================================================
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -223,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--vae_ckpt", default="vae_ch160v4096z32.pth", help="VAR's released tokenizer, with --official (default %(default)s)")
     src.add_argument("--official_config", default="", help=argparse.SUPPRESS)   # JSON, for tests
     what = p.add_argument_group("what to sample")
-    what.add_argument("--classes", default="", help="class ids, e.g. 0-9 or 1,5,7 or all "
-                      "(default: the first 10; with --npz: all)")
+    what.add_argument("--classes", default="", help="class ids, e.g. 0-9 or 1,5,7 or all (default: the first 10; with --npz: all)")
     what.add_argument("--per_class", type=int, default=4, help="grid rows: samples per class (default 4)")
     what.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default: checkpoint's / 1.5)")
     what.add_argument("--top_k", type=int, default=None, help="top-k, 0 = off (default: checkpoint's / 900)")
@@ -235,70 +163,59 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--npz", type=int, default=0, metavar="N", help="write N samples as .npz for FID instead of a grid")
     run = p.add_argument_group("how")
     run.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
-    run.add_argument("--out", default="", help="output folder, or a .png / .npz file name "
-                     "(default: the run folder; samples/ for --official)")
+    run.add_argument("--out", default="", help="output folder, or a .png / .npz file name (default: the run folder; samples/ for --official)")
     run.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
-    run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                     help="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 elsewhere")
     return p
 
 
-def main(argv=None) -> dict:
-    """Sample as the command line says. Returns {"grid", "strip", "npz": path or None,
-    "images": N, "seconds": s, "images_per_s": N/s, "settings": {...}}.
-    Raises FileNotFoundError / ValueError with a message for bad input (the CLI prints it)."""
-    args = build_parser().parse_args(argv)
-    if args.per_class < 1 or args.batch < 1 or args.npz < 0:
-        raise ValueError("--per_class and --batch must be >= 1, --npz >= 0")
-    if args.npz and args.strip:
-        raise ValueError("--strip draws the grid's samples; --npz writes no grid: run them separately")
-    device = resolve_device(args.device)
-    amp_dtype = None
-    if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
-        amp_dtype = torch.bfloat16
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """"0-9" / "3,5,7" / "0-3,8" / "all" -> the class ids in the order given, each in range."""
+    if text.strip().lower() == "all":
+        return list(range(num_classes))
+    ids = []
+    for part in filter(None, text.replace(" ", "").split(",")):
+        if m := re.fullmatch(r"(\d+)-(\d+)", part):          # an inclusive range a-b
+            if int(m[2]) < int(m[1]):
+                raise ValueError(f"--classes {text!r}: the range {part} is empty")
+            ids += range(int(m[1]), int(m[2]) + 1)
+        elif re.fullmatch(r"-?\d+", part):
+            ids.append(int(part))
+        else:
+            raise ValueError(f"--classes {text!r}: expected ids and ranges like 0-9 or 1,5,7 or all")
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if not ids or bad:
+        raise ValueError(f"--classes {text!r}: " + (f"class label(s) {bad[:5]} out of range: this model has "
+                         f"{num_classes} classes, valid labels are 0..{num_classes - 1}" if bad else "names no class"))
+    return ids
 
-    model, tok, defaults, default_dir = load_models(args, device)
-    settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
-    settings["more_smooth"] = args.more_smooth
-    num_classes = model.cfg.num_classes
-    if args.classes:
-        classes = parse_classes(args.classes, num_classes)
-    else:
-        classes = list(range(num_classes if args.npz else min(10, num_classes)))
-    paths = output_paths(args.out, default_dir, model.cfg.arch, args.npz)
-    print(f"{model.cfg.arch} generator, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{num_classes} classes, on {device}{' (bf16)' if amp_dtype else ''}; cfg {settings['cfg']}, "
-          f"top_k {settings['top_k']}, top_p {settings['top_p']}, more_smooth {args.more_smooth}, seed {args.seed}")
 
-    result = {"grid": None, "strip": None, "npz": None, "settings": settings}
-    if args.npz:
-        # Balanced classes: sample i gets classes[i % #classes], so every prefix is balanced too.
-        labels = torch.tensor(classes)[torch.arange(args.npz) % len(classes)]
-        if args.npz % len(classes):
-            print(f"note: {args.npz} samples over {len(classes)} classes: counts differ by one")
-        images, _, seconds = sample_images(model, tok, labels, args.batch, settings, device,
-                                           amp_dtype, args.seed, desc="npz")
-        paths["npz"].parent.mkdir(parents=True, exist_ok=True)
-        np.savez(paths["npz"], arr_0=to_uint8_nhw3(images), arr_1=labels.numpy().astype(np.int64))
-        result["npz"] = paths["npz"]
-    else:
-        # Grid order: row r holds sample r of every class, so each column is one class.
-        labels = torch.tensor(classes).repeat(args.per_class)
-        images, scales, seconds = sample_images(model, tok, labels, args.batch, settings, device,
-                                                amp_dtype, args.seed, strip=args.strip, desc="grid")
-        save_image_grid(images, paths["grid"], nrow=len(classes))
-        result["grid"] = paths["grid"]
-        if args.strip:   # one row per sample, one column per scale (K columns)
-            save_image_grid(scales.flatten(0, 1), paths["strip"], nrow=scales.shape[1])
-            result["strip"] = paths["strip"]
-    result.update(images=len(labels), seconds=seconds, images_per_s=len(labels) / seconds)
-    for kind in ("grid", "strip", "npz"):
-        if result[kind]:
-            print(f"wrote {result[kind]}")
-    print(f"{len(labels)} images in {seconds:.2f} s: {result['images_per_s']:.2f} images/s "
-          f"(generation + decoding, batch {args.batch}, model load excluded)")
-    return result
+def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps -> torch.device (auto: CUDA, else MPS, else CPU)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if (name.startswith("cuda") and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        raise ValueError(f"--device {name}: that backend is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def output_paths(out: str, default_dir: Path, name: str, n_npz: int) -> dict:
+    """--out (a folder, a .png grid name or a .npz name) -> {"grid", "strip", "npz"} paths."""
+    p = Path(out) if out else default_dir
+    if p.suffix.lower() in (".png", ".npz"):
+        folder, stem = p.parent, p.stem
+        return {"grid": p if p.suffix.lower() == ".png" else folder / f"{stem}.png",
+                "strip": folder / f"{stem}_strip.png",
+                "npz": p if p.suffix.lower() == ".npz" else folder / f"{stem}_{n_npz}.npz"}
+    if p.suffix:
+        raise ValueError(f"--out {out}: give a folder, or a file name ending in .png or .npz")
+    return {"grid": p / f"{name}_grid.png", "strip": p / f"{name}_strip.png", "npz": p / f"{name}_{n_npz}.npz"}
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:   # bad settings, data or checkpoints: the
+        print(f"error: {e}", file=sys.stderr)      # message says what to fix; a traceback
+        sys.exit(2)                                # would only bury it

@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from sample import resolve_device, sample_images  # noqa: E402
 
@@ -123,7 +125,7 @@ def get_classifier(cfg, mode: str, train_x, train_y, num_classes, args, device, 
     path = Path(cache_dir) / f"classifier_{mode}.pt" if cache_dir else None
     in_ch = 1 if mode == "grey" else train_x.shape[1]
     if path and path.exists():
-        ck = train.load_checkpoint(path, "classifier")
+        ck = runs.load_checkpoint(path, "classifier")
         if ck["ident"] == ident:
             clf = SmallCNN(in_ch, num_classes, train_x.shape[-1]).to(device)
             clf.load_state_dict(ck["model"])
@@ -132,7 +134,7 @@ def get_classifier(cfg, mode: str, train_x, train_y, num_classes, args, device, 
     clf = train_classifier(to_mode(train_x, mode), train_y, num_classes, args.steps, device, args.seed)
     seconds = time.perf_counter() - t0
     if path:
-        train.save_checkpoint({"kind": "classifier", "ident": ident,
+        runs.save_checkpoint({"kind": "classifier", "ident": ident,
                                "model": {k: v.cpu() for k, v in clf.state_dict().items()}}, path)
     return clf, seconds
 
@@ -141,7 +143,7 @@ def data_config(args, ckpts):
     """The train.py config whose data the generators saw (from the first checkpoint), or a
     preset for --dataset when no checkpoint is given."""
     if ckpts:
-        saved = [train.load_checkpoint(p, "generator")["config"]["train"] for p in ckpts]
+        saved = [runs.load_checkpoint(p, "generator")["config"]["train"] for p in ckpts]
         data = [{k: s[k] for k in train.DATA_FIELDS} for s in saved]
         if any(d != data[0] for d in data):
             raise ValueError(f"--ckpt and --ckpt2 were trained on different data: {data}")
@@ -184,7 +186,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     cfg = data_config(args, ckpts)
 
-    train_ds, test_ds = train.load_dataset(cfg, "train", download_ok=False), train.load_dataset(cfg, "test", download_ok=False)
+    train_ds, test_ds = data.load_dataset(cfg, "train", download_ok=False), data.load_dataset(cfg, "test", download_ok=False)
     M = train_ds.num_classes
     train_x, train_y = split_tensors(train_ds, args.train_images)
     test_x, test_y = split_tensors(test_ds)
@@ -207,7 +209,7 @@ def main(argv=None) -> dict:
 
     rows = [("real test images", len(test_y), *score(test_x, test_y), None)]
     for i, path in enumerate(ckpts):
-        model, tok, ck = train.load_generator(path, device)
+        model, tok, ck = runs.load_generator(path, device)
         if i == 0:
             # The ceiling for any generator on this tokenizer: its reconstructions of the test
             # images (a sample can only be as recognisable as what the tokenizer can draw).
@@ -226,7 +228,7 @@ def main(argv=None) -> dict:
         rows.append((name, len(labels), *score(images * 2 - 1, labels), settings))
         print(f"{name}: {len(labels)} images in {secs:.0f} s")
 
-    names = train.SHAPE_CLASSES if cfg.dataset == "shapes" else [str(c) for c in range(M)]
+    names = data.SHAPE_CLASSES if cfg.dataset == "shapes" else [str(c) for c in range(M)]
     head = {"rgb": "acc colour+shape", "grey": "acc grey (shape)"} if len(modes) == 2 else {"grey": "accuracy"}
     print(f"\nSample quality on {cfg.dataset} ({cfg.image_size}px): accuracy of a CNN trained on "
           f"{len(train_x)} real training images")
@@ -244,7 +246,7 @@ def main(argv=None) -> dict:
                        for r in rows]}
     if ckpts:
         out = Path(ckpts[0]).parent / "sample_quality.json"
-        train.write_json(result, out)
+        runs.write_json(result, out)
         print(f"\nwrote {out}")
     return result
 

@@ -1,5 +1,5 @@
-"""Data loading in train.py: every on-disk format is written here in its REAL format (IDX .gz
-bytes, CIFAR-10 pickles, PNG/JPEG folders), read back through train.load_dataset, and must
+"""Data loading (data.py): every on-disk format is written here in its REAL format (IDX .gz
+bytes, CIFAR-10 pickles, PNG/JPEG folders), read back through data.load_dataset, and must
 round-trip exactly; broken inputs must fail with a message that says what to do."""
 import gzip
 import os
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import train
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -26,31 +27,31 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 def idx_bytes(arr: np.ndarray) -> bytes:
-    """The IDX encoding, written independently of train.read_idx: 0, 0, 0x08, ndim, dims."""
+    """The IDX encoding, written independently of data.read_idx: 0, 0, 0x08, ndim, dims."""
     return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
 
 
 def write_fmnist(root: Path, n_train=7, n_test=3, seed=0, labels_max=9):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    data = {}
+    written = {}
     for split, n in (("train", n_train), ("test", n_test)):
         imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, labels_max + 1, size=n, dtype=np.uint8)
-        img_name, lbl_name = train.FASHION_FILES[split]
+        img_name, lbl_name = data.FASHION_FILES[split]
         (root / img_name).write_bytes(gzip.compress(idx_bytes(imgs)))
         (root / lbl_name).write_bytes(gzip.compress(idx_bytes(labels)))
-        data[split] = (imgs, labels)
-    return data
+        written[split] = (imgs, labels)
+    return written
 
 
 def test_fashion_mnist_idx_roundtrip(tmp_path):
-    data = write_fmnist(tmp_path / "fm")
+    written = write_fmnist(tmp_path / "fm")
     # 28 = the preset (images as they are); 32 = zero-padded, centred.
     for split, size in (("train", 28), ("test", 28), ("train", 32)):
         cfg = train.make_config("fashion-mnist", data_dir=str(tmp_path / "fm"), image_size=size)
-        ds = train.load_dataset(cfg, split)
-        imgs, labels = data[split]
+        ds = data.load_dataset(cfg, split)
+        imgs, labels = written[split]
         assert len(ds) == len(imgs) and ds.num_classes == 10
         pad = (size - 28) // 2
         for i in range(len(ds)):
@@ -71,49 +72,49 @@ def test_fashion_mnist_idx_roundtrip(tmp_path):
 ])
 def test_fashion_mnist_corrupt_files(tmp_path, damage, message):
     write_fmnist(tmp_path)
-    name = tmp_path / train.FASHION_FILES["train"][0]
+    name = tmp_path / data.FASHION_FILES["train"][0]
     name.write_bytes(damage(gzip.decompress(name.read_bytes())))
     with pytest.raises(ValueError, match=message):
-        train.load_dataset(train.make_config("fashion-mnist", data_dir=str(tmp_path)), "train")
+        data.load_dataset(train.make_config("fashion-mnist", data_dir=str(tmp_path)), "train")
 
 
 def test_fashion_mnist_label_count_and_range_errors(tmp_path):
     write_fmnist(tmp_path, labels_max=12)                       # labels up to 12 for 10 classes
     cfg = train.make_config("fashion-mnist", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
-        train.load_dataset(cfg, "train")
+        data.load_dataset(cfg, "train")
     write_fmnist(tmp_path, seed=1)
-    lbl = tmp_path / train.FASHION_FILES["train"][1]
+    lbl = tmp_path / data.FASHION_FILES["train"][1]
     lbl.write_bytes(gzip.compress(idx_bytes(np.zeros(6, np.uint8))))   # 6 labels for 7 images
     with pytest.raises(ValueError, match="expected images"):
-        train.load_dataset(cfg, "train")
+        data.load_dataset(cfg, "train")
 
 
 def test_missing_dataset_folder_says_where_and_how(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as e:
-        train.load_dataset(train.make_config("fashion-mnist", data_dir=str(missing)), "train")
+        data.load_dataset(train.make_config("fashion-mnist", data_dir=str(missing)), "train")
     assert str(missing) in str(e.value) and "--download" in str(e.value)
     assert "dataset-fashion-mnist" in str(e.value)
     with pytest.raises(FileNotFoundError) as e:
-        train.load_dataset(train.make_config("cifar10", data_dir=str(missing)), "train")
+        data.load_dataset(train.make_config("cifar10", data_dir=str(missing)), "train")
     assert str(missing) in str(e.value) and "--download" in str(e.value)
     with pytest.raises(FileNotFoundError, match="val"):
-        train.load_dataset(train.make_config(dataset="folder", data_dir=str(missing)), "test")
+        data.load_dataset(train.make_config(dataset="folder", data_dir=str(missing)), "test")
     with pytest.raises(ValueError, match="--data_dir"):
-        train.load_dataset(train.make_config(dataset="folder"), "train")
+        data.load_dataset(train.make_config(dataset="folder"), "train")
 
 
 @pytest.mark.skipif(not REAL_FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
     cfg = train.make_config("fashion-mnist")           # default location
-    tr, te = train.load_dataset(cfg, "train"), train.load_dataset(cfg, "test")
+    tr, te = data.load_dataset(cfg, "train"), data.load_dataset(cfg, "test")
     assert (len(tr), len(te)) == (60000, 10000)
     for ds, per_class in ((tr, 6000), (te, 1000)):
         assert torch.equal(torch.bincount(ds.labels, minlength=10), torch.full((10,), per_class))
     x, _ = tr[0]
     assert x.shape == (1, 28, 28) and x.max() > 0.9           # the preset keeps the native size
-    x32, _ = train.load_dataset(train.make_config("fashion-mnist", image_size=32), "test")[0]
+    x32, _ = data.load_dataset(train.make_config("fashion-mnist", image_size=32), "test")[0]
     assert x32.shape == (1, 32, 32) and x32[:, :2].eq(-1).all()   # padded rows are background
     assert torch.equal(x32[:, 2:30, 2:30], te[0][0])
 
@@ -127,27 +128,27 @@ def write_cifar(root: Path, n=4, seed=0):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name in train.CIFAR_FILES["train"] + train.CIFAR_FILES["test"]:
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    for name in data.CIFAR_FILES["train"] + data.CIFAR_FILES["test"]:
+        written = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size=n)]
         with open(root / name, "wb") as fh:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": written,
                          b"filenames": [f"{i}.png".encode() for i in range(n)]}, fh, protocol=2)
-        out[name] = (data, labels)
+        out[name] = (written, labels)
     return out
 
 
 def test_cifar10_pickle_roundtrip(tmp_path):
-    data = write_cifar(tmp_path / "cifar-10-batches-py")
+    written = write_cifar(tmp_path / "cifar-10-batches-py")
     # --data_dir may name the batches folder itself or the folder above it
     for data_dir in (tmp_path / "cifar-10-batches-py", tmp_path):
         cfg = train.make_config("cifar10", data_dir=str(data_dir))
-        tr, te = train.load_dataset(cfg, "train"), train.load_dataset(cfg, "test")
+        tr, te = data.load_dataset(cfg, "train"), data.load_dataset(cfg, "test")
         assert (len(tr), len(te)) == (20, 4)
-        for ds, names in ((tr, train.CIFAR_FILES["train"]), (te, ["test_batch"])):
+        for ds, names in ((tr, data.CIFAR_FILES["train"]), (te, ["test_batch"])):
             i = 0
             for name in names:
-                raw, labels = data[name]
+                raw, labels = written[name]
                 for row, label in zip(raw, labels):
                     x, y = ds[i]
                     assert y == label
@@ -161,7 +162,7 @@ def test_cifar10_bad_files(tmp_path):
     cfg = train.make_config("cifar10", data_dir=str(tmp_path))
     (tmp_path / "data_batch_3").write_bytes(b"\x80\x02garbage")
     with pytest.raises(ValueError, match="data_batch_3.*not a CIFAR-10 python batch"):
-        train.load_dataset(cfg, "train")
+        data.load_dataset(cfg, "train")
 
     class Evil:
         def __reduce__(self):
@@ -169,10 +170,10 @@ def test_cifar10_bad_files(tmp_path):
     with open(tmp_path / "data_batch_3", "wb") as fh:
         pickle.dump({b"data": Evil(), b"labels": []}, fh)
     with pytest.raises(ValueError, match="refusing to load"):
-        train.load_dataset(cfg, "train")
+        data.load_dataset(cfg, "train")
     (tmp_path / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3 is missing"):
-        train.load_dataset(cfg, "train")
+        data.load_dataset(cfg, "train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,9 +200,9 @@ def test_image_folder_png_exact_center_crop(tmp_path):
     arrays = write_folder(tmp_path / "train", "PNG")          # 36 = 1.125 * 32: no resize needed
     write_folder(tmp_path / "val", "PNG", seed=1)
     cfg = train.make_config(dataset="folder", data_dir=str(tmp_path), image_size=32)
-    ds = train.load_dataset(cfg, "train")
+    ds = data.load_dataset(cfg, "train")
     assert ds.classes == ["apple", "mango", "zebra"] and ds.num_classes == 3
-    assert len(ds) == 6 and len(train.load_dataset(cfg, "test")) == 6
+    assert len(ds) == 6 and len(data.load_dataset(cfg, "test")) == 6
     for i, path in enumerate(ds.files):
         x, y = ds[i]
         assert y == ["apple", "mango", "zebra"].index(path.parent.name)
@@ -211,7 +212,7 @@ def test_image_folder_png_exact_center_crop(tmp_path):
 def test_image_folder_random_crop_and_flip(tmp_path):
     arrays = write_folder(tmp_path / "train", "PNG")
     cfg = train.make_config(dataset="folder", data_dir=str(tmp_path), image_size=32, hflip=True)
-    ds = train.load_dataset(cfg, "train")
+    ds = data.load_dataset(cfg, "train")
     crops = set()
     for epoch in range(12):
         x, _ = ds[(0, epoch)]
@@ -228,7 +229,7 @@ def test_image_folder_random_crop_and_flip(tmp_path):
 def test_image_folder_jpeg_and_resize(tmp_path):
     arrays = write_folder(tmp_path / "train", "JPEG")
     cfg = train.make_config(dataset="folder", data_dir=str(tmp_path), image_size=32)
-    ds = train.load_dataset(cfg, "train")
+    ds = data.load_dataset(cfg, "train")
     for i, path in enumerate(ds.files):
         x, y = ds[i]
         assert y == ds.classes.index(path.parent.name)
@@ -236,7 +237,7 @@ def test_image_folder_jpeg_and_resize(tmp_path):
         assert np.abs(to_uint8(x).astype(float) - ref).mean() < 4      # JPEG q95 is close
     # non-square, larger images: shorter side -> 36, then a 32x32 centre crop
     write_folder(tmp_path / "big" / "train", "PNG", size=(90, 72))
-    ds = train.load_dataset(train.make_config(dataset="folder", data_dir=str(tmp_path / "big"),
+    ds = data.load_dataset(train.make_config(dataset="folder", data_dir=str(tmp_path / "big"),
                                               image_size=32), "train")
     assert ds[0][0].shape == (3, 32, 32)
 
@@ -246,10 +247,10 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "train" / "empty_class").mkdir()
     cfg = train.make_config(dataset="folder", data_dir=str(tmp_path), image_size=32)
     with pytest.raises(ValueError, match="empty_class holds no images"):
-        train.load_dataset(cfg, "train")
+        data.load_dataset(cfg, "train")
     (tmp_path / "train" / "empty_class").rmdir()
     (tmp_path / "train" / "apple" / "broken.png").write_bytes(b"\x89PNG not really")
-    ds = train.load_dataset(cfg, "train")
+    ds = data.load_dataset(cfg, "train")
     with pytest.raises(ValueError, match="broken.png: cannot decode"):
         ds[ds.files.index(tmp_path / "train" / "apple" / "broken.png")]
 
@@ -259,11 +260,11 @@ def test_image_folder_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def test_shapes_deterministic_balanced_and_separable():
-    a, la = train.make_shapes(400, 32, seed=3)
-    b, lb = train.make_shapes(400, 32, seed=3)
-    c, _ = train.make_shapes(400, 32, seed=4)
+    a, la = data.make_shapes(400, 32, seed=3)
+    b, lb = data.make_shapes(400, 32, seed=3)
+    c, _ = data.make_shapes(400, 32, seed=4)
     assert np.array_equal(a, b) and torch.equal(la, lb) and not np.array_equal(a, c)
-    K = len(train.SHAPE_CLASSES)
+    K = len(data.SHAPE_CLASSES)
     assert torch.equal(torch.bincount(la, minlength=K), torch.full((K,), 400 // K))
     # Distinct enough for a trivial classifier: nearest class centroid on a few colour/layout
     # features must be near perfect on fresh images.
@@ -274,8 +275,8 @@ def test_shapes_deterministic_balanced_and_separable():
         return torch.cat([(x * fg[:, None]).sum((2, 3)) / fg.sum((1, 2))[:, None].clamp_min(1),
                           fg.mean((1, 2))[:, None], rows.std(1, keepdim=True),
                           cols.std(1, keepdim=True)], 1)
-    fa, ftest = feats(a), feats(train.make_shapes(400, 32, seed=9)[0])
-    _, ltest = train.make_shapes(400, 32, seed=9)
+    fa, ftest = feats(a), feats(data.make_shapes(400, 32, seed=9)[0])
+    _, ltest = data.make_shapes(400, 32, seed=9)
     mu, sd = fa.mean(0), fa.std(0)
     cent = torch.stack([((fa - mu) / sd)[la == k].mean(0) for k in range(K)])
     pred = torch.cdist((ftest - mu) / sd, cent).argmin(1)
@@ -283,8 +284,8 @@ def test_shapes_deterministic_balanced_and_separable():
 
 
 def test_tensor_images_flip_view():
-    imgs, labels = train.make_shapes(64, 32, seed=0)
-    ds = train.TensorImages(torch.from_numpy(imgs), labels, 8, hflip=True, seed=5)
+    imgs, labels = data.make_shapes(64, 32, seed=0)
+    ds = data.TensorImages(torch.from_numpy(imgs), labels, data.SHAPE_CLASSES, hflip=True, seed=5)
     flips = 0
     for i in range(64):
         x = ds[i][0]
@@ -298,7 +299,7 @@ def test_tensor_images_flip_view():
 
 def test_sampler_epochs_shards_and_resume():
     n, gb, world = 50, 12, 3                                   # 4 steps/epoch, 2 items dropped
-    samplers = [train.ShardedSampler(n, gb, seed=7, rank=r, world_size=world) for r in range(world)]
+    samplers = [data.ShardedSampler(n, gb, seed=7, rank=r, world_size=world) for r in range(world)]
     assert samplers[0].steps_per_epoch == 4
     for epoch in range(3):
         seen = []
@@ -309,13 +310,13 @@ def test_sampler_epochs_shards_and_resume():
         assert len(seen) == len(set(seen)) == 48                # no repeats inside an epoch
     orders = [tuple(samplers[0].batch(s)[1]) for s in (0, 4, 8)]
     assert len(set(orders)) == 3                               # reshuffled every epoch
-    fresh = train.ShardedSampler(n, gb, seed=7, rank=1, world_size=world)
+    fresh = data.ShardedSampler(n, gb, seed=7, rank=1, world_size=world)
     assert fresh.batch(9) == samplers[1].batch(9)              # a resumed sampler agrees
-    assert train.ShardedSampler(n, gb, seed=8).batch(0) != train.ShardedSampler(n, gb, seed=7).batch(0)
+    assert data.ShardedSampler(n, gb, seed=8).batch(0) != data.ShardedSampler(n, gb, seed=7).batch(0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        train.ShardedSampler(5, 8)
+        data.ShardedSampler(5, 8)
     with pytest.raises(ValueError, match="not divisible"):
-        train.ShardedSampler(50, 10, world_size=3)
+        data.ShardedSampler(50, 10, world_size=3)
 
 
 def test_image_folder_val_uses_training_label_order(tmp_path):
@@ -325,9 +326,9 @@ def test_image_folder_val_uses_training_label_order(tmp_path):
         p.unlink()
     (tmp_path / "val" / "apple").rmdir()
     cfg = train.make_config(dataset="folder", data_dir=str(tmp_path), image_size=32)
-    val = train.load_dataset(cfg, "test")
+    val = data.load_dataset(cfg, "test")
     assert val.classes == ["apple", "mango", "zebra"]
     assert sorted(set(val.labels.tolist())) == [1, 2]          # ... yet mango is still 1
     (tmp_path / "val" / "kiwi").mkdir()                        # a class training never saw
     with pytest.raises(ValueError, match="kiwi"):
-        train.load_dataset(cfg, "test")
+        data.load_dataset(cfg, "test")

@@ -18,12 +18,14 @@ import torch
 from PIL import Image
 
 import sample
+import data
+import runs
 import train
 from mvar import MVAR, MVARConfig
 from tokenizer import MultiScaleVQVAE, tokenizer_config
 
 REPO = Path(__file__).resolve().parents[1]
-S, NUM_CLASSES, K = 16, len(train.SHAPE_CLASSES), 4
+S, NUM_CLASSES, K = 16, len(data.SHAPE_CLASSES), 4
 TINY = ["--image_size", "16", "--shapes_train", "32", "--shapes_test", "8", "--tok_ch", "32",
         "--tok_ch_mult", "1,2,2", "--tok_z_channels", "8", "--vocab_size", "64",
         "--patch_nums", "1,2,3,4", "--tok_batch", "16", "--tok_epochs", "0.5", "--depth", "2",
@@ -43,7 +45,7 @@ def run(tmp_path_factory):
 def reference(run, labels, seed, batch, **settings):
     """What MVAR.generate gives for these labels, batch by batch with one seeded generator,
     as uint8 (N, H, W, C) -- computed without sample.py."""
-    model, tok, ck = train.load_generator(run / "mvar.pt")
+    model, tok, ck = runs.load_generator(run / "mvar.pt")
     t = ck["config"]["train"]
     opts = dict(cfg=t["cfg_scale"], top_k=t["top_k"], top_p=t["top_p"])
     opts.update(settings)
@@ -52,13 +54,21 @@ def reference(run, labels, seed, batch, **settings):
     return (torch.cat(out) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def tiles(png, rows, cols, size=S):
-    """Cut save_image_grid's PNG (2 px gaps) into its rows x cols tiles -> uint8 (rows*cols, size, size, C)."""
+def tiles(png, rows, cols, size=S, zoom=4):
+    """Cut save_image_grid's PNG into its rows x cols tiles -> uint8 (rows*cols, size, size, C).
+
+    Each tile is the image upscaled `zoom` times (nearest neighbour: zoom x zoom blocks of one
+    colour), with 2 px gaps, below a band of column labels and right of a band of row labels."""
     arr = np.asarray(Image.open(png))
     arr = arr[..., None] if arr.ndim == 2 else arr
-    assert arr.shape[:2] == (rows * (size + 2) + 2, cols * (size + 2) + 2)
-    return np.stack([arr[2 + r * (size + 2):2 + r * (size + 2) + size, 2 + c * (size + 2):2 + c * (size + 2) + size]
-                     for r in range(rows) for c in range(cols)])
+    cell = size * zoom + 2
+    top, left = arr.shape[0] - rows * cell - 2, arr.shape[1] - cols * cell - 2
+    assert 0 <= top < 40 and 0 <= left < 200, arr.shape
+    big = [arr[top + 2 + r * cell:top + r * cell + cell, left + 2 + c * cell:left + c * cell + cell]
+           for r in range(rows) for c in range(cols)]
+    small = np.stack([b[::zoom, ::zoom] for b in big])
+    np.testing.assert_array_equal(np.stack(big), small.repeat(zoom, 1).repeat(zoom, 2))   # crisp blocks
+    return small
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +146,7 @@ def test_missing_and_corrupt_checkpoints(run, tmp_path):
         sample.main(["--ckpt", str(tmp_path / "nope.pt"), "--device", "cpu"])
     bad = tmp_path / "mvar.pt"
     bad.write_bytes((run / "mvar.pt").read_bytes()[:5000])                 # truncated copy
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="corrupt, truncated"):
         sample.main(["--ckpt", str(bad), "--device", "cpu"])
     with pytest.raises(ValueError, match="exactly one of --ckpt"):
         sample.main(["--device", "cpu"])
@@ -150,9 +160,9 @@ def test_class_out_of_range_names_the_valid_range(run):
 
 
 def test_another_tokenizer_is_refused(run, tmp_path):
-    ck = train.load_checkpoint(run / "tokenizer.pt", "tokenizer")
+    ck = runs.load_checkpoint(run / "tokenizer.pt", "tokenizer")
     ck["model"]["quantize.embedding.weight"] += 0.01                    # same shape, other weights
-    train.save_checkpoint(ck, tmp_path / "other_tokenizer.pt")
+    runs.save_checkpoint(ck, tmp_path / "other_tokenizer.pt")
     with pytest.raises(ValueError, match="not the tokenizer"):
         sample.main(["--ckpt", str(run / "mvar.pt"), "--tokenizer", str(tmp_path / "other_tokenizer.pt"),
                      "--device", "cpu"])
@@ -201,8 +211,8 @@ def test_official_weights_load_and_sample(official, tmp_path):
     res = sample.main(official_args(d, "--npz", "6", "--classes", "0,999", "--batch", "3",
                                     "--out", str(tmp_path)))
     assert res["settings"] == {**sample.OFFICIAL_FID, "more_smooth": False}
-    data = np.load(tmp_path / "mvar_6.npz")
-    np.testing.assert_array_equal(data["arr_1"], [0, 999, 0, 999, 0, 999])
+    written = np.load(tmp_path / "mvar_6.npz")
+    np.testing.assert_array_equal(written["arr_1"], [0, 999, 0, 999, 0, 999])
     # independent reference: the same config loaded with torch's own load_state_dict
     model = MVAR(MVARConfig(arch="mvar", num_classes=1000, **SMALL["model"])).eval()
     model.load_state_dict(sd)
@@ -212,7 +222,7 @@ def test_official_weights_load_and_sample(official, tmp_path):
     labels = torch.tensor([0, 999, 0, 999, 0, 999])
     want = torch.cat([model.generate(tok, labels[i:i + 3], cfg=1.5, top_k=900, top_p=0.96, generator=gen)
                       for i in (0, 3)])
-    np.testing.assert_array_equal(data["arr_0"], (want * 255).round().byte().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(written["arr_0"], (want * 255).round().byte().permute(0, 2, 3, 1).numpy())
 
 
 def test_official_errors(official, tmp_path):

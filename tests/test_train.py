@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import runs
 import train
+from tokenizer import MultiScaleVQVAE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,34 +169,34 @@ def test_param_groups_no_decay_set():
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "run" / "ck.pt"
     good = {"kind": "generator", "step": 1, "model": {"w": torch.arange(5.0)}}
-    train.save_checkpoint(good, path)
+    runs.save_checkpoint(good, path)
 
     def dying_save(obj, fh):                  # writes half a file, then the process "dies"
         fh.write(b"PK\x03\x04 partial zip")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"kind": "generator", "step": 2}, path)
+        runs.save_checkpoint({"kind": "generator", "step": 2}, path)
     monkeypatch.undo()
-    ck = train.load_checkpoint(path, "generator")
+    ck = runs.load_checkpoint(path, "generator")
     assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(5.0))
     assert os.listdir(path.parent) == ["ck.pt"]                   # no temp file left behind
 
 
 def test_checkpoint_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.load_checkpoint(tmp_path / "nope.pt", "generator")
+        runs.load_checkpoint(tmp_path / "nope.pt", "generator")
     path = tmp_path / "ck.pt"
-    train.save_checkpoint({"kind": "tokenizer", "model": {"w": torch.randn(1000)}}, path)
+    runs.save_checkpoint({"kind": "tokenizer", "model": {"w": torch.randn(1000)}}, path)
     with pytest.raises(ValueError, match="'tokenizer' checkpoint, expected a 'generator'"):
-        train.load_checkpoint(path, "generator")
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])                       # truncated
-    with pytest.raises(ValueError, match="corrupt or truncated"):
-        train.load_checkpoint(path, "tokenizer")
+        runs.load_checkpoint(path, "generator")
+    written = path.read_bytes()
+    path.write_bytes(written[:len(written) // 2])                       # truncated
+    with pytest.raises(ValueError, match="corrupt, truncated"):
+        runs.load_checkpoint(path, "tokenizer")
     torch.save({"kind": "generator", "path": Path("x")}, path)          # not a plain type
-    with pytest.raises(ValueError, match="not written by train.py"):   # weights_only refuses it
-        train.load_checkpoint(path, "generator")
+    with pytest.raises(ValueError, match="corrupt"):   # weights_only refuses it
+        runs.load_checkpoint(path, "generator")
 
 
 def test_resume_refuses_other_config_and_arch(full_run, tmp_path):
@@ -202,14 +205,14 @@ def test_resume_refuses_other_config_and_arch(full_run, tmp_path):
     run.mkdir()
     for name in ("tokenizer.pt", "tokens.pt", "mvar.pt"):
         (run / name).write_bytes((out / name).read_bytes())
-    ck = train.load_checkpoint(run / "mvar.pt", "generator")
+    ck = runs.load_checkpoint(run / "mvar.pt", "generator")
     ck["done"], ck["step"] = False, 1                             # pretend it was interrupted
-    train.save_checkpoint(ck, run / "mvar.pt")
+    runs.save_checkpoint(ck, run / "mvar.pt")
     with pytest.raises(ValueError, match=r"other settings:\n  depth: checkpoint 2 vs now 3"):
         train.main(TINY + ["--out_dir", str(run), "--stage", "generator", "--depth", "3"])
     # a VAR checkpoint where an M-VAR one is expected
     ck["config"]["train"]["arch"] = "var"
-    train.save_checkpoint(ck, run / "mvar.pt")
+    runs.save_checkpoint(ck, run / "mvar.pt")
     with pytest.raises(ValueError, match="holds a 'var' generator.*--arch mvar"):
         train.main(TINY + ["--out_dir", str(run), "--stage", "generator"])
     # the generator stage without a finished tokenizer
@@ -226,8 +229,8 @@ def test_full_run_outputs(full_run):
     for name in ("config.json", "tokenizer.pt", "tokenizer_eval.json", "tokenizer_recon.png",
                  "tokens.pt", "mvar.pt", "mvar_eval.json", "mvar_loss.png", "mvar_samples.png"):
         assert (out / name).is_file(), name
-    tok = train.load_checkpoint(out / "tokenizer.pt", "tokenizer")
-    gen = train.load_checkpoint(out / "mvar.pt", "generator")
+    tok = runs.load_checkpoint(out / "tokenizer.pt", "tokenizer")
+    gen = runs.load_checkpoint(out / "mvar.pt", "generator")
     assert (tok["step"], tok["done"], gen["step"], gen["done"]) == (TOK_STEPS, True, GEN_STEPS, True)
     assert gen["config"]["model"]["arch"] == "mvar" and gen["config"]["model"]["vocab_size"] == 64
     assert gen["config"]["tokenizer"]["patch_nums"] == [1, 2, 3, 4]
@@ -243,15 +246,15 @@ def test_resume_matches_uninterrupted_run(full_run, tmp_path):
     # invocation 1: stage 1 stops after 3 of 4 steps; stage 2 does not start
     r = train.main(TINY + ["--out_dir", run, "--stop_after", "3"])
     assert r["tokenizer"] is None and not Path(run, "mvar.pt").exists()
-    assert train.load_checkpoint(Path(run) / "tokenizer.pt", "tokenizer")["step"] == 3
+    assert runs.load_checkpoint(Path(run) / "tokenizer.pt", "tokenizer")["step"] == 3
     # invocation 2: stage 1 finishes (1 step), stage 2 stops after 3 of 6 steps
     r = train.main(TINY + ["--out_dir", run, "--stop_after", "3"])
     assert r["tokenizer"] is not None and r["generator"] is None
-    assert train.load_checkpoint(Path(run) / "mvar.pt", "generator")["step"] == 3
+    assert runs.load_checkpoint(Path(run) / "mvar.pt", "generator")["step"] == 3
     # invocation 3: stage 2 finishes
     train.main(TINY + ["--out_dir", run])
     for name, kind in (("tokenizer.pt", "tokenizer"), ("mvar.pt", "generator")):
-        a, b = train.load_checkpoint(out / name, kind), train.load_checkpoint(Path(run) / name, kind)
+        a, b = runs.load_checkpoint(out / name, kind), runs.load_checkpoint(Path(run) / name, kind)
         for key in ("model", "optimizer", "step", "history"):
             tensors_equal(a[key], b[key], f"{name}:{key}")
 
@@ -259,12 +262,12 @@ def test_resume_matches_uninterrupted_run(full_run, tmp_path):
 def test_token_cache_equals_on_the_fly_encoding(full_run):
     out, result = full_run
     cfg = train.parse_args(TINY + ["--out_dir", str(out)])
-    tokenizer, _ = train.load_trained_tokenizer(out / "tokenizer.pt")
+    tokenizer, _ = runs.load_trained_tokenizer(out / "tokenizer.pt")
     cache = torch.load(out / "tokens.pt", weights_only=True)
-    assert cache["tokenizer_sha256"] == train.file_digest(out / "tokenizer.pt")
+    assert cache["identity"]["tokenizer_sha256"] == runs.file_digest(out / "tokenizer.pt")
     pns = tokenizer.cfg.patch_nums
     for split in ("train", "test"):
-        ds = train.load_dataset(cfg, split)
+        ds = data.load_dataset(cfg, split)
         img = torch.stack([ds[i][0] for i in range(len(ds))])
         labels = torch.tensor([ds[i][1] for i in range(len(ds))])
         assert torch.equal(cache[split]["labels"], labels)
@@ -275,37 +278,37 @@ def test_token_cache_equals_on_the_fly_encoding(full_run):
             assert cache[split].get("idx_flip") is None
         for x, cached in views:
             fresh = tokenizer.img_to_idx(x)
-            cached_list = train.split_scales(cached.long(), pns)
+            cached_list = data.split_scales(cached.long(), pns)
             assert all(torch.equal(a, b) for a, b in zip(fresh, cached_list))
             assert torch.equal(tokenizer.idx_to_teacher_input(cached_list),
                                tokenizer.idx_to_teacher_input(fresh))
     # an unchanged tokenizer.pt reuses the cache
-    d = train.DistInfo()
-    assert train.build_token_cache(cfg, d, tokenizer)["tokenizer_sha256"] == cache["tokenizer_sha256"]
+    d = runs.DistInfo()
+    assert train.token_cache(cfg, d, tokenizer)["identity"] == cache["identity"]
 
 
 def test_token_cache_rebuilt_for_another_tokenizer(tmp_path):
     cfg = train.parse_args(TINY + ["--out_dir", str(tmp_path)])
     tok_cfg = train.tokenizer_config_for(cfg, in_channels=3)
-    d = train.DistInfo()
+    d = runs.DistInfo()
     caches = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        tok = train.MultiScaleVQVAE(tok_cfg).eval()
-        train.save_checkpoint(train._tokenizer_payload(cfg, tok_cfg, tok, None, 0, 0, [], [], True),
+        tok = MultiScaleVQVAE(tok_cfg).eval()
+        runs.save_checkpoint(train.tokenizer_payload(cfg, tok, None, 0, 0, [], [], True),
                               tmp_path / "tokenizer.pt")
-        caches.append(train.build_token_cache(cfg, d, tok))
-        again = train.build_token_cache(cfg, d, tok)              # reused, not re-encoded
+        caches.append(train.token_cache(cfg, d, tok))
+        again = train.token_cache(cfg, d, tok)              # reused, not re-encoded
         assert torch.equal(again["train"]["idx"], caches[-1]["train"]["idx"])
-        expect = torch.cat(tok.img_to_idx(torch.stack([train.load_dataset(cfg, "test")[i][0]
+        expect = torch.cat(tok.img_to_idx(torch.stack([data.load_dataset(cfg, "test")[i][0]
                                                        for i in range(16)])), 1)
         assert torch.equal(caches[-1]["test"]["idx"].long(), expect)
-    assert caches[0]["tokenizer_sha256"] != caches[1]["tokenizer_sha256"]
+    assert caches[0]["identity"] != caches[1]["identity"]
 
 
 def test_load_generator_rebuilds_the_trained_model(full_run):
     out, result = full_run
-    model, tokenizer, ck = train.load_generator(out / "mvar.pt")
+    model, tokenizer, ck = runs.load_generator(out / "mvar.pt")
     trained = result["generator"]
     for (n, p), (n2, q) in zip(model.state_dict().items(), trained.state_dict().items()):
         assert n == n2 and torch.equal(p, q), n
@@ -325,7 +328,7 @@ def test_other_arch_shares_the_tokenizer_and_cache(full_run, tmp_path):
     r = train.main(TINY + ["--out_dir", str(run), "--arch", "var", "--stage", "generator"])
     assert r["generator"].cfg.arch == "var" and (run / "var.pt").is_file()
     assert (run / "tokens.pt").stat().st_mtime_ns == mtime       # cache reused
-    assert train.load_generator(run / "var.pt")[2]["config"]["model"]["arch"] == "var"
+    assert runs.load_generator(run / "var.pt")[2]["config"]["model"]["arch"] == "var"
 
 
 def test_missing_vae_checkpoint_says_where_to_get_it(tmp_path):
@@ -359,13 +362,13 @@ def test_torchrun_two_processes(tmp_path):
         a, b = (torch.load(tmp_path / f"{kind}{r}.pt", weights_only=True) for r in (0, 1))
         tensors_equal(a, b, kind)                                 # replicas stayed identical
     gen0 = torch.load(tmp_path / "gen0.pt", weights_only=True)
-    ck = train.load_checkpoint(run / "mvar.pt", "generator")
+    ck = runs.load_checkpoint(run / "mvar.pt", "generator")
     tensors_equal(gen0, ck["model"], "checkpoint")
     assert ck["step"] == GEN_STEPS and len(ck["rng"]) == 2        # one RNG state per rank
     # the sharded token cache equals encoding the whole dataset in one process
     cfg = train.parse_args(TINY + ["--out_dir", str(run)])
-    tokenizer, _ = train.load_trained_tokenizer(run / "tokenizer.pt")
-    ds = train.load_dataset(cfg, "train")
+    tokenizer, _ = runs.load_trained_tokenizer(run / "tokenizer.pt")
+    ds = data.load_dataset(cfg, "train")
     img = torch.stack([ds[i][0] for i in range(len(ds))])
     cache = torch.load(run / "tokens.pt", weights_only=True)
     assert torch.equal(cache["train"]["idx"].long(), torch.cat(tokenizer.img_to_idx(img), 1))

@@ -1,7 +1,9 @@
-"""checkpoints.py -- saving and loading weights. Not needed to understand M-VAR.
+"""runs.py -- starting, saving and resuming runs; loading weights. Not needed to understand M-VAR.
 
-train.py and sample.py keep their runs here; nothing in this file is part of the method. It holds:
+The plumbing of train.py and sample.py; nothing in this file is part of the method. It holds:
 
+  * how a run starts: torchrun / DDP set-up, mixed precision, the command line of a config
+    dataclass, and the time budget / --stop_after logic that ends an invocation cleanly;
   * atomic checkpoint files: save_checkpoint / load_checkpoint, and the checks that refuse to
     resume a run under other settings (check_same_run);
   * the random-number-generator states that make a resumed run bit-identical to one that was
@@ -16,10 +18,16 @@ Python values, so loading one never runs pickled code.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import difflib
 import hashlib
 import json
 import os
 import random
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,162 @@ import torch.distributed as dist
 
 from mvar import MVAR, MVARConfig
 from tokenizer import MultiScaleVQVAE, TokenizerConfig, tokenizer_config
+
+
+# --------------------------------------------------------------------------------------------
+# Starting a run: processes, devices, precision, the command line
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    """Where this process runs. torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; plain python is
+    one process (rank 0 of 1)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args):                            # rank 0 speaks for everyone
+        if self.is_main:
+            print(*args)
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU). Each
+    process drives the GPU named by LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def wrap_ddp(model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun (it all-reduces the gradients), else the model."""
+    if d.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def amp_setup(cfg, device: torch.device):
+    """-> (autocast dtype or None, GradScaler or None). bf16 needs no loss scaling; fp16 does."""
+    prec = cfg.precision
+    if prec == "auto":
+        prec = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if prec == "fp32":
+        return None, None
+    if prec == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.bfloat16, None
+
+
+def autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def checkpoint_or_stop(cfg, d: DistInfo, deadline: float, step: int, total: int,
+                       steps_here: int, checkpoint, bar, stage: str, path) -> bool:
+    """End of an optimizer step, for both stages: checkpoint every ckpt_every steps, at the last
+    step, and when the time budget / --stop_after ends this invocation. Returns True when the
+    caller should stop now (running the same command again resumes). Rank 0 decides for all."""
+    stop = time.time() > deadline or (cfg.stop_after > 0 and steps_here >= cfg.stop_after)
+    if d.world_size > 1:                               # every rank must stop at the same step
+        flag = torch.tensor([float(stop)], device=d.device)
+        dist.broadcast(flag, src=0)
+        stop = bool(flag.item())
+    if step % cfg.ckpt_every == 0 or step == total or stop:
+        checkpoint(done=step == total)
+    if stop and step < total:
+        bar.close()
+        d.print(f"{stage}: stopped at step {step}/{total} (checkpoint {path}); run the same command to resume")
+        return True
+    return False
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {s!r}")
+
+
+def _tuple_parser(kind):
+    def parse(s: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in s.replace(" ", "").split(",") if x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list like 1,2,3, got {s!r}")
+    return parse
+
+
+def parse_config_args(argv, config_class, presets: dict, make_config, choices: dict, description: str):
+    """Command line -> a config dataclass (train.py's TrainConfig). `--preset` is read first, so
+    `--help` shows that preset's defaults; make_config(preset, **fields) builds the result.
+
+    Every field is a flag: `--field value`; booleans also as `--flag` / `--no-flag`;
+    tuples as comma lists (`--patch_nums 1,2,4,8`). Unknown flags are an error.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default="tiny")
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset not in presets:
+        pre.error(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    defaults = config_class(**presets[preset])
+
+    parser = argparse.ArgumentParser(
+        usage="python train.py [--preset NAME] [--stage tokenizer|generator|all] [--FIELD VALUE ...]",
+        description=description + " Presets: " + ", ".join(presets),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    for f in dataclasses.fields(config_class):
+        default, help_ = getattr(defaults, f.name), f.metadata["help"]
+        flag = "--" + f.name
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
+                                help=help_, metavar="0|1")
+            parser.add_argument("--no-" + f.name, dest=f.name, action="store_false",
+                                help=argparse.SUPPRESS)
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            parser.add_argument(flag, type=_tuple_parser(kind), default=default, help=help_,
+                                metavar="A,B,...")
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help_,
+                                choices=choices.get(f.name))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [o for a in parser._actions for o in a.option_strings]
+        flags = [u for u in unknown if u.startswith("-")] or unknown
+        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(
+            u.split("=")[0], known, n=1)) else u for u in flags]
+        parser.error("unknown argument(s): " + ", ".join(hints))
+    values = vars(args)
+    try:
+        return make_config(preset, **{k: v for k, v in values.items() if k != "preset"})
+    except ValueError as e:
+        parser.error(str(e))
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +235,7 @@ def read_torch_file(path, what: str, how_to_get: str) -> dict:
     except Exception as e:     # truncated zip, bad pickle, foreign objects: all mean "unusable"
         raise ValueError(f"{what} {path} is corrupt, truncated or not a torch file "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                         f"Delete it and get it again. {how_to_get}") from e
+                         f"{how_to_get}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{what} {path} holds a {type(obj).__name__}, not a dict")
     return obj
@@ -80,7 +244,7 @@ def read_torch_file(path, what: str, how_to_get: str) -> dict:
 def load_checkpoint(path, kind: str) -> dict:
     """A checkpoint written by save_checkpoint; checks that it is a `kind` checkpoint
     ("tokenizer", "generator", ...)."""
-    ckpt = read_torch_file(path, "checkpoint", "Run the training stage that writes it.")
+    ckpt = read_torch_file(path, "checkpoint", "(Re)run the training stage that writes it, or restore a copy.")
     if ckpt.get("kind") != kind:
         raise ValueError(f"{path} is a {ckpt.get('kind')!r} checkpoint, expected a {kind!r} checkpoint")
     return ckpt
@@ -262,3 +426,18 @@ def load_official_checkpoint(model: MVAR, path_or_state_dict) -> dict:
     load_state_dict_checked(model, sd, what=f"{model.cfg.arch} generator",
                             hint="check --arch, depth, patch_nums and vocab_size")
     return {"loaded": len(sd), "ignored_buffers": ignored}
+
+
+def load_official(path, arch: str, depth: int, vae_ckpt, device="cpu", overrides: dict | None = None):
+    """Released ImageNet-256 weights -> (generator, tokenizer), both in eval mode on `device`.
+
+    The generator is MVARConfig(arch, depth) with ImageNet's 1000 classes and VAR's 256 px
+    pyramid; the tokenizer is VAR's vae_ch160v4096z32.pth. `overrides` = {"model": {...},
+    "tokenizer": {...}} changes config fields (the tests load small fake weights with it)."""
+    overrides = overrides or {}
+    model = MVAR(MVARConfig(**{"arch": arch, "depth": depth, "num_classes": 1000, **overrides.get("model", {})}))
+    load_official_checkpoint(model, read_torch_file(path, f"{arch} generator checkpoint",
+                                                    "Pass the released .pth of the official M-VAR / VAR repository."))
+    tok = MultiScaleVQVAE(tokenizer_config("var256", **overrides.get("tokenizer", {})))
+    load_tokenizer_state(tok, read_torch_file(vae_ckpt, "VAR tokenizer", f"Download it (436 MB): wget -O {vae_ckpt} {VAE_URL}"))
+    return model.to(device).eval(), tok.to(device).eval().requires_grad_(False)
