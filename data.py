@@ -599,3 +599,16 @@ def save_loss_plot(history: list, path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def output_paths(out: str, default_dir: Path, name: str, n_npz: int) -> dict:
+    """--out (a folder, a .png grid name or a .npz name) -> {"grid", "strip", "npz"} paths."""
+    p = Path(out) if out else default_dir
+    if p.suffix.lower() in (".png", ".npz"):
+        folder, stem = p.parent, p.stem
+        return {"grid": p if p.suffix.lower() == ".png" else folder / f"{stem}.png",
+                "strip": folder / f"{stem}_strip.png",
+                "npz": p if p.suffix.lower() == ".npz" else folder / f"{stem}_{n_npz}.npz"}
+    if p.suffix:
+        raise ValueError(f"--out {out}: give a folder, or a file name ending in .png or .npz")
+    return {"grid": p / f"{name}_grid.png", "strip": p / f"{name}_strip.png", "npz": p / f"{name}_{n_npz}.npz"}

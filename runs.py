@@ -83,6 +83,16 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world, dev)
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps -> torch.device (auto: CUDA, else MPS, else CPU)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if (name.startswith("cuda") and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        raise ValueError(f"--device {name}: that backend is not available here; use --device cpu")
+    return torch.device(name)
+
+
 def wrap_ddp(model: torch.nn.Module, d: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel under torchrun (it all-reduces the gradients), else the model."""
     if d.world_size == 1:

@@ -2,27 +2,19 @@
 
     python sample.py --ckpt runs/tiny/mvar.pt                      # class grid PNG in runs/tiny/
     python sample.py --ckpt runs/tiny/mvar.pt --classes 0-3 --per_class 8 --strip
-    python sample.py --ckpt runs/tiny/var.pt --cfg 3 --top_k 100 --out grid.png
     python sample.py --ckpt RUN/mvar.pt --npz 10000 --batch 250    # FID input, classes balanced
     python sample.py --official mvar_d16.pth --arch mvar --depth 16 \
         --vae_ckpt vae_ch160v4096z32.pth --npz 50000 --batch 125  # the released ImageNet weights
 
-Generation itself is `MVAR.generate` (mvar.py): class label -> K token maps, one scale at a time,
-coarse to fine -> the tokenizer decodes them to pixels. This file only batches it and writes:
-  * grid   one column per class (labelled with its name), --per_class rows;
-  * strip  (--strip) the picture decoded after every scale, one row per grid sample: the
-           coarse-to-fine order in which M-VAR / VAR draw an image;
-  * npz    (--npz N, instead of the grid) N samples for the standard ImageNet FID evaluator
-           (openai/guided-diffusion): `arr_0` uint8 (N, S, S, 3), the classes in `arr_1`;
-           sample i has class classes[i % #classes], so every prefix is balanced.
-Files are `<arch>_grid.png`, `<arch>_strip.png`, `<arch>_<N>.npz` in --out (a folder), or --out
-names the .png / .npz file. Sampling settings default to the checkpoint's (train.py's
---cfg_scale / --top_k / --top_p) or, for --official weights, to the setting of the papers' FID
-numbers. The same seed, batch size and device give the same images. images/s counts generation
-and decoding, not loading.
+Generation itself is `MVAR.generate` (mvar.py): class -> K token maps, coarse to fine, one scale
+at a time -> the tokenizer decodes them. This file batches it and writes `<arch>_grid.png` (one
+column per class), `<arch>_strip.png` (--strip: the picture after every scale) or `<arch>_N.npz`
+(--npz N: the ImageNet FID evaluator's layout, arr_0 uint8 (n, S, S, 3) and the classes in arr_1;
+sample i has class classes[i % #classes]) into --out (a folder, or a .png / .npz name).
+Settings default to the checkpoint's, or for --official weights to those of the papers' FID
+numbers. Same seed, batch and device give the same images. images/s excludes loading.
 
-Shape letters: n images written, B images per batch, Cimg image channels, S image side,
-K scales.
+Shape letters: n images, B images per batch, Cimg image channels, S image side, K scales.
 """
 from __future__ import annotations
 
@@ -37,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import save_image_grid, to_uint8_nhw3
-from runs import autocast, load_generator, load_official
+from data import output_paths, save_image_grid, to_uint8_nhw3
+from runs import autocast, load_generator, load_official, resolve_device
 
 # The sampling setting behind the published FID numbers (VAR and M-VAR: cfg 1.5, top-k 900,
 # top-p 0.96, no gumbel smoothing).
@@ -188,29 +180,6 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
         raise ValueError(f"--classes {text!r}: " + (f"class label(s) {bad[:5]} out of range: this model has "
                          f"{num_classes} classes, valid labels are 0..{num_classes - 1}" if bad else "names no class"))
     return ids
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto | cpu | cuda | cuda:N | mps -> torch.device (auto: CUDA, else MPS, else CPU)."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if (name.startswith("cuda") and not torch.cuda.is_available()) or (name == "mps" and not mps):
-        raise ValueError(f"--device {name}: that backend is not available here; use --device cpu")
-    return torch.device(name)
-
-
-def output_paths(out: str, default_dir: Path, name: str, n_npz: int) -> dict:
-    """--out (a folder, a .png grid name or a .npz name) -> {"grid", "strip", "npz"} paths."""
-    p = Path(out) if out else default_dir
-    if p.suffix.lower() in (".png", ".npz"):
-        folder, stem = p.parent, p.stem
-        return {"grid": p if p.suffix.lower() == ".png" else folder / f"{stem}.png",
-                "strip": folder / f"{stem}_strip.png",
-                "npz": p if p.suffix.lower() == ".npz" else folder / f"{stem}_{n_npz}.npz"}
-    if p.suffix:
-        raise ValueError(f"--out {out}: give a folder, or a file name ending in .png or .npz")
-    return {"grid": p / f"{name}_grid.png", "strip": p / f"{name}_strip.png", "npz": p / f"{name}_{n_npz}.npz"}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Shape glossary:
 """
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -43,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
-from sample import resolve_device, sample_images  # noqa: E402
+from runs import resolve_device  # noqa: E402
+from sample import sample_images  # noqa: E402
 
 
 class SmallCNN(nn.Module):

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 import data
 import runs
 import train
+from mvar import MVAR, MVARConfig
 from tokenizer import MultiScaleVQVAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,6 +241,72 @@ def test_full_run_outputs(full_run):
     import json
     ev = json.loads((out / "mvar_eval.json").read_text())
     assert len(ev["per_scale_acc"]) == 4 and ev["tokens_images"] == 16
+
+
+def test_losses_fell(full_run):
+    out, _ = full_run
+    for name, kind in (("tokenizer.pt", "tokenizer"), ("mvar.pt", "generator")):
+        history = runs.load_checkpoint(out / name, kind)["history"]      # [[step, loss, ...]]
+        assert history[-1][1] < history[0][1], f"{name}: loss did not fall: {history}"
+
+
+def test_generator_step_is_teacher_forcing_plus_one_adamw_step(full_run, tmp_path, monkeypatch):
+    """Record what the model is called with during a real train.py step, then redo that step by
+    hand: the input must be idx_to_teacher_input of the step's *ground-truth* tokens, and the
+    weights after it must equal a hand-written cross-entropy + clip + AdamW step on them."""
+    out, _ = full_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("tokenizer.pt", "tokens.pt"):
+        (run / name).write_bytes((out / name).read_bytes())
+    calls = []
+    real_forward = MVAR.forward
+
+    def recording_forward(self, labels, teacher_input):
+        if self.training:
+            calls.append({"labels": labels.clone(), "teacher": teacher_input.clone(),
+                          "rng": torch.get_rng_state(),
+                          "state": {k: v.clone() for k, v in self.state_dict().items()}})
+        return real_forward(self, labels, teacher_input)
+    monkeypatch.setattr(MVAR, "forward", recording_forward)
+    train.main(TINY + ["--out_dir", str(run), "--stage", "generator", "--stop_after", "1"])
+    monkeypatch.undo()
+    assert len(calls) == 1
+    call, after = calls[0], runs.load_checkpoint(run / "mvar.pt", "generator")
+    assert after["step"] == 1
+
+    # 1. the ground truth of step 0: the sampler's items, through the cache's training view
+    cache = torch.load(run / "tokens.pt", weights_only=True)
+    cfg = train.parse_args(TINY)
+    epoch, items = data.ShardedSampler(len(cache["train"]["labels"]), cfg.gen_batch, cfg.seed).batch(0)
+    batch = [data.TokenDataset(cache["train"], cfg.seed)[(i, epoch)] for i in items]
+    idx_BL, labels = torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])
+    tokenizer, _ = runs.load_trained_tokenizer(run / "tokenizer.pt")
+    idx_list = data.split_scales(idx_BL, (1, 2, 3, 4))
+    assert torch.equal(call["labels"], labels)
+    assert torch.equal(call["teacher"], tokenizer.idx_to_teacher_input(idx_list))
+
+    # 2. the step by hand: same weights, same randomness (class dropout, drop-path)
+    model = MVAR(MVARConfig.from_dict(after["config"]["model"]))
+    model.load_state_dict(call["state"])
+    model.train()
+    torch.set_rng_state(call["rng"])
+    logits = model(labels, call["teacher"])
+    F.cross_entropy(logits.flatten(0, 1), idx_BL.flatten()).backward()
+    params = dict(model.named_parameters())
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params.values()))
+    clip = min(1.0, cfg.grad_clip / (float(norm) + 1e-6))
+    warmup = max(1, round(cfg.warmup_frac * after["total_steps"]))
+    lr = cfg.base_lr * cfg.gen_batch / 256 / warmup                 # first warm-up step
+    no_decay = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "dt_bias", "A_log")
+    for name, p in params.items():
+        decays = p.ndim > 1 and not any(k in name for k in no_decay)
+        g = p.grad * clip
+        # AdamW's first step: m = (1-b1) g, v = (1-b2) g^2; bias correction turns them back
+        # into g and g^2, so the update is lr * g / (|g| + eps), after the decoupled decay.
+        m_hat, v_hat = (0.1 * g) / 0.1, (0.05 * g * g) / 0.05
+        want = p.detach() * (1 - lr * cfg.weight_decay * decays) - lr * m_hat / (v_hat.sqrt() + 1e-8)
+        torch.testing.assert_close(after["model"][name], want, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_resume_matches_uninterrupted_run(full_run, tmp_path):
