@@ -19,7 +19,7 @@ from tokenizer import (
     MultiScaleVQVAE, TokenizerConfig, TOKENIZER_PRESETS, code_usage, nearest_code, phi_index, psnr,
     tokenizer_config,
 )
-from checkpoints import load_state_dict_checked, load_tokenizer_state, load_var_checkpoint
+from runs import load_state_dict_checked, load_tokenizer_state, load_var_checkpoint
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 VAR_KEYS = REFERENCE_DIR / "var_vae_ch160v4096z32_keys.txt"
@@ -47,9 +47,9 @@ def tiny_model(seed=0, **overrides) -> MultiScaleVQVAE:
     return model
 
 
-def images(B=4, C=3, S=16, seed=1):
+def images(B=4, Cimg=3, S=16, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(B, C, S, S, generator=g) * 2 - 1
+    return torch.rand(B, Cimg, S, S, generator=g) * 2 - 1
 
 
 def random_idx(cfg, B=3, seed=2):
@@ -105,17 +105,17 @@ def area_downsample_loop(x, pn):
 
 
 def reference_contribution(model, idx_Bl, k):
-    """float64: phi_k(bicubic_upsample(codebook[idx])), phi written out as 0.5 h + 0.5 conv(h)."""
+    """float64: phi_k(bicubic_upsample(codebook[idx])), phi written out as 0.5 z + 0.5 conv(z)."""
     cfg = model.cfg
     pn, s, K = cfg.patch_nums[k], cfg.latent_size, len(cfg.patch_nums)
     E = model.quantize.embedding.weight.detach().double()
     B = idx_Bl.shape[0]
-    h = torch.stack([E[idx_Bl[b]].T.reshape(-1, pn, pn) for b in range(B)])   # (B, Cvae, pn, pn)
+    z = torch.stack([E[idx_Bl[b]].T.reshape(-1, pn, pn) for b in range(B)])   # (B, Cvae, pn, pn)
     if k != K - 1:
-        h = F.interpolate(h, size=(s, s), mode="bicubic")
+        z = F.interpolate(z, size=(s, s), mode="bicubic")
     conv = model.quantize.quant_resi.qresi_ls[phi_index(k, K, cfg.share_quant_resi)]
     r = cfg.quant_resi
-    return (1 - r) * h + r * F.conv2d(h, conv.weight.double(), conv.bias.double(), padding=1)
+    return (1 - r) * z + r * F.conv2d(z, conv.weight.double(), conv.bias.double(), padding=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,17 +184,16 @@ def test_encoder_loop_matches_float64_reference():
     f_rest, f_hat_ref = f.double().clone(), torch.zeros_like(f.double())
     K = len(model.cfg.patch_nums)
     for k, pn in enumerate(model.cfg.patch_nums):
-        z = area_downsample_loop(f_rest, pn) if k != K - 1 else f_rest
-        z_NC = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        d = torch.cdist(z_NC, E)
-        ref_idx = d.argmin(1)
+        rest_k = area_downsample_loop(f_rest, pn) if k != K - 1 else f_rest
+        rest = rest_k.permute(0, 2, 3, 1).reshape(-1, rest_k.shape[1])          # (M, Cvae)
+        d = torch.cdist(rest, E)
         # allow a different pick only on a float32-level near-tie
         chosen = idx_list[k].flatten()
         gap = d.gather(1, chosen[:, None]).squeeze(1) - d.min(1).values
         assert (gap < 1e-4).all(), f"scale {k}: a code far from the nearest was picked"
-        h = reference_contribution(model, chosen.view(len(x), -1), k)
-        f_hat_ref += h
-        f_rest -= h
+        contribution = reference_contribution(model, chosen.view(len(x), -1), k)
+        f_hat_ref += contribution
+        f_rest -= contribution
     assert torch.allclose(f_hat.double(), f_hat_ref, atol=1e-5)
     assert len({int(i) for idx in idx_list for i in idx.flatten()}) > 10, "test too trivial: few codes used"
 
@@ -334,24 +333,24 @@ def test_code_usage_over_batches_and_uniform_perplexity():
 
 def test_dead_code_restart_moves_only_dead_codes_onto_residuals():
     model = tiny_model(dead_code_threshold=0.5).train()
-    V, K = model.cfg.vocab_size, len(model.cfg.patch_nums)
+    V = model.cfg.vocab_size
     ema = model.quantize.ema_vocab_hit_SV
     ema.fill_(10.0)
     dead = [3, 17, 40]
     ema[:, dead] = 0.0
     before = model.quantize.embedding.weight.detach().clone()
-    z_list = [torch.randn(n, model.cfg.z_channels) for n in (4, 16, 36, 100, 256)]
+    residuals = [torch.randn(n, model.cfg.z_channels) for n in (4, 16, 36, 100, 256)]
     hits_per_step = 1000.0                     # threshold = 0.5 * 1000 / 64 = 7.8 < 10 * K
-    n = model.restart_dead_codes(z_list, hits_per_step)
+    n = model.restart_dead_codes(residuals, hits_per_step)
     after = model.quantize.embedding.weight.detach()
     assert n == len(dead)
     alive = [v for v in range(V) if v not in dead]
     assert torch.equal(after[alive], before[alive])
-    pool = torch.cat(z_list)
+    pool = torch.cat(residuals)
     for v in dead:
         assert (pool == after[v]).all(1).any(), f"code {v} was not moved onto a residual vector"
         assert ema[:, v].sum().item() == pytest.approx(2 * 0.5 * hits_per_step / V)
-    assert model.restart_dead_codes(z_list, hits_per_step) == 0   # grace period: nothing dead now
+    assert model.restart_dead_codes(residuals, hits_per_step) == 0   # grace period: nothing dead now
 
 
 def test_first_training_step_with_restarts_initialises_codebook_from_data():
@@ -472,11 +471,16 @@ def test_config_dict_round_trip_and_presets():
     assert var.patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) and var.latent_size == 16
     assert not var.using_znorm and var.share_quant_resi == 4 and var.quant_resi == 0.5
     assert var.dead_code_threshold == 0      # VAR's exact behaviour
+    assert var.beta == 0.25 and var.usage_ema == 0.99 and var.dropout == 0
+    assert tokenizer_config("32px") == TokenizerConfig(
+        image_size=32, in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
+        vocab_size=512, patch_nums=(1, 2, 3, 4, 5, 6, 8), beta=0.25, quant_resi=0.5,
+        share_quant_resi=4, using_znorm=False, dropout=0.0, usage_ema=0.99, dead_code_threshold=0.03)
     with pytest.raises(ValueError, match="unknown tokenizer preset"):
         tokenizer_config("64px")
     with pytest.raises(ValueError, match="unknown TokenizerConfig field"):
         tokenizer_config("32px", vocab=3)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"unknown TokenizerConfig field\(s\) \['foo'\]"):
         TokenizerConfig.from_dict({**d, "foo": 1})
     assert set(TOKENIZER_PRESETS) >= {"32px", "var256"}
 
