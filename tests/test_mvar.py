@@ -1,12 +1,13 @@
 """Tests of the M-VAR generator (mvar.py sections 3-7) against independent references:
-brute-force masks for the attention pattern, the teacher-forced pass for the sampler's caches,
-a hand count of the paper's parameter numbers, and plain loops for sampling and the loss."""
+brute-force masks for the attention pattern, the teacher-forced pass for what the sampler carries
+from scale to scale (Block.forward_one_scale, and the official re-run sampler), a hand count of
+the papers' parameter numbers, and plain loops for sampling and the loss."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoints import load_official_checkpoint
+from runs import load_official_checkpoint
 from mvar import MVAR, MVARConfig, attention_pairs, compute_loss, sample_top_k_top_p, scale_spans
 from tokenizer import MultiScaleVQVAE, TokenizerConfig
 
@@ -131,6 +132,26 @@ def test_sampling_logits_equal_teacher_forced_logits(tokenizer, arch, cfg, mode)
         full = model(labels, teacher)
     for (s, e), logits in zip(scale_spans(PATCH_NUMS), out["logits"]):
         torch.testing.assert_close(logits, full[:, s:e], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mvar", "var"])
+def test_a_block_fed_one_scale_at_a_time_equals_the_whole_sequence(arch):
+    # One block alone: forward_one_scale with what it carries (Mamba state or KV cache), and the
+    # official re-run sampler's step, give the rows of the teacher-forced forward, scale by scale.
+    model = tiny_model(arch)
+    block, spans = model.blocks[0], scale_spans(PATCH_NUMS)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, spans[-1][1], model.cfg.width, generator=g)
+    cond = torch.randn(2, model.cfg.width, generator=g)
+    steps = [block.forward_one_scale] + ([block.forward_one_scale_rerun] if arch == "mvar" else [])
+    with torch.no_grad():
+        whole = block(x, cond, spans)
+        for step in steps:
+            carried, rows = None, []
+            for s, e in spans:
+                y, carried = step(x[:, s:e], cond, carried)
+                rows.append(y)
+            torch.testing.assert_close(torch.cat(rows, dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_generate_is_seeded_and_decodes_in_unit_range(tokenizer):

@@ -21,13 +21,13 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def make_inputs(b, l, h, p, g, n, dtype=torch.float64, seed=0, dt_scale=0.5, with_D=True,
+def make_inputs(b, L, h, p, g, n, dtype=torch.float64, seed=0, dt_scale=0.5, with_D=True,
                 with_init=True):
-    """Random scan inputs: x (b,l,h,p), dt (b,l,h) > 0, A (h,) < 0, B, C (b,l,g,n), D, h0."""
+    """Random scan inputs: x (b,L,h,p), dt (b,L,h) > 0, A (h,) < 0, B, C (b,L,g,n), D, h0."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
-    x, B, C = r(b, l, h, p), r(b, l, g, n), r(b, l, g, n)
-    dt = torch.rand(b, l, h, generator=gen, dtype=torch.float64) * dt_scale + 1e-3
+    x, B, C = r(b, L, h, p), r(b, L, g, n), r(b, L, g, n)
+    dt = torch.rand(b, L, h, generator=gen, dtype=torch.float64) * dt_scale + 1e-3
     A = -(torch.rand(h, generator=gen, dtype=torch.float64) * 4 + 0.2)
     D = r(h) if with_D else None
     h0 = r(b, h, p, n) if with_init else None
@@ -38,14 +38,14 @@ def make_inputs(b, l, h, p, g, n, dtype=torch.float64, seed=0, dt_scale=0.5, wit
 def closed_form_scan(x, dt, A, B, C, D, h0):
     """y_i = sum_{j<=i} exp(a_{j+1}+...+a_i) (C_i.B_j) dt_j x_j + exp(a_0+...+a_i) h0 C_i + D x_i,
     summed term by term (float64, tiny shapes only). Returns y and the final state."""
-    b, l, h, p = x.shape
+    b, L, h, p = x.shape
     g = B.shape[2]
-    a = dt * A                                                           # (b, l, h)
+    a = dt * A                                                           # (b, L, h)
     y = torch.zeros_like(x)
     for bi in range(b):
         for hi in range(h):
             gi = hi // (h // g)
-            for i in range(l):
+            for i in range(L):
                 for j in range(i + 1):
                     w = torch.exp(a[bi, j + 1:i + 1, hi].sum()) * (C[bi, i, gi] @ B[bi, j, gi])
                     y[bi, i, hi] += w * dt[bi, j, hi] * x[bi, j, hi]
@@ -66,7 +66,7 @@ def test_sequential_matches_closed_form(with_D, with_init):
 
 
 def random_configs(count, seed):
-    """Random (b, l, h, p, g, n, chunk, with_D, with_init): L up to a few hundred, mostly not
+    """Random (b, L, h, p, g, n, chunk, with_D, with_init): L up to a few hundred, mostly not
     multiples of the chunk, several heads and groups."""
     rng = random.Random(seed)
     configs = [(1, 1, 2, 3, 1, 4, 64, True, True),        # a single token
@@ -80,9 +80,9 @@ def random_configs(count, seed):
     return configs
 
 
-@pytest.mark.parametrize("b, l, h, p, g, n, chunk, with_D, with_init", random_configs(12, seed=1))
-def test_parallel_matches_sequential_float64(b, l, h, p, g, n, chunk, with_D, with_init):
-    args = make_inputs(b, l, h, p, g, n, with_D=with_D, with_init=with_init, seed=l)
+@pytest.mark.parametrize("b, L, h, p, g, n, chunk, with_D, with_init", random_configs(12, seed=1))
+def test_parallel_matches_sequential_float64(b, L, h, p, g, n, chunk, with_D, with_init):
+    args = make_inputs(b, L, h, p, g, n, with_D=with_D, with_init=with_init, seed=L)
     y_seq, s_seq = ssd_scan_sequential(*args)
     y_par, s_par = ssd_scan_parallel(*args, chunk_size=chunk)
     assert y_par.dtype == s_par.dtype == torch.float64
@@ -189,20 +189,20 @@ def small_mamba(ngroups=1, d_conv=4, chunk_size=8, dtype=torch.float64, seed=0):
 def reference_mamba2(m, u):
     """Whole-sequence forward written the way mamba_ssm describes it: zero-padded causal conv
     truncated to L, the loop scan, a gated RMSNorm over groups."""
-    b, l, _ = u.shape
+    b, L, _ = u.shape
     H, P, N, G = m.nheads, m.headdim, m.d_state, m.ngroups
     zxbcdt = u @ m.in_proj.weight.T
     z, xBC, dt = zxbcdt[..., :m.d_inner], zxbcdt[..., m.d_inner:-H], zxbcdt[..., -H:]
     xBC = F.conv1d(xBC.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=m.d_conv - 1,
-                   groups=m.conv_dim)[..., :l].transpose(1, 2)
+                   groups=m.conv_dim)[..., :L].transpose(1, 2)
     xBC = xBC * torch.sigmoid(xBC)
     x, Bm, Cm = xBC[..., :m.d_inner], xBC[..., m.d_inner:m.d_inner + G * N], xBC[..., -G * N:]
     dt = torch.log1p(torch.exp(dt + m.dt_bias))
-    y, _ = ssd_scan_sequential(x.reshape(b, l, H, P), dt, -torch.exp(m.A_log),
-                               Bm.reshape(b, l, G, N), Cm.reshape(b, l, G, N), m.D)
-    y = y.reshape(b, l, G, -1) * (z * torch.sigmoid(z)).reshape(b, l, G, -1)
+    y, _ = ssd_scan_sequential(x.reshape(b, L, H, P), dt, -torch.exp(m.A_log),
+                               Bm.reshape(b, L, G, N), Cm.reshape(b, L, G, N), m.D)
+    y = y.reshape(b, L, G, -1) * (z * torch.sigmoid(z)).reshape(b, L, G, -1)
     y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
-    return (y.reshape(b, l, -1) * m.norm.weight) @ m.out_proj.weight.T
+    return (y.reshape(b, L, -1) * m.norm.weight) @ m.out_proj.weight.T
 
 
 @pytest.mark.parametrize("ngroups", [1, 2])
