@@ -75,3 +75,16 @@ def test_greedy_samples_match_the_official_sampler(name, mamba_mode):
                                   mamba_mode=mamba_mode)
     for k, (ours, official) in enumerate(zip(out["idx"], g["sample_idx"])):
         assert torch.equal(ours, official), f"{name} ({mamba_mode}): scale {k} differs"
+
+
+def test_each_greedy_token_is_the_argmax_of_the_guided_logits():
+    """Classifier-free guidance by hand: at scale k of K the strength is t = cfg * k / (K - 1)
+    (0 at the first scale, cfg at the last), and the guided logits are (1 + t) cond - t uncond."""
+    g, tok, model = GOLDEN["mvar"], golden_tokenizer(), golden_model("mvar")
+    cfg, B, K = 1.5, len(g["sample_labels"]), len(GOLDEN["patch_nums"])
+    with torch.no_grad():
+        out = model.sample_tokens(tok, g["sample_labels"], cfg=cfg, top_k=1, return_logits=True)
+    for k in range(K):
+        t = cfg * k / (K - 1)
+        cond, uncond = out["logits"][k][:B], out["logits"][k][B:]
+        assert torch.equal(out["idx"][k], ((1 + t) * cond - t * uncond).argmax(-1)), f"scale {k}"
