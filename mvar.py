@@ -4,7 +4,9 @@ M-VAR model (and the VAR baseline it is measured against), sampling and the loss
 M-VAR (arXiv 2411.10433) generates an image coarse to fine, one scale of VQ tokens at a time, like
 VAR (arXiv 2404.02905). Each block splits VAR's attention in two: attention *inside* a scale, and a
 Mamba-2 layer (arXiv 2405.21060) that runs causally over the whole flattened sequence of scales and
-carries information from coarse to fine scales at linear cost. The file reads top to bottom.
+carries information from coarse to fine scales at linear cost. Sections, top to bottom: 1 the scan
+(a loop, then chunked), 2 the Mamba-2 layer, 3 config, 4 attention, 5 the AdaLN block, 6 the model
+(forward pass, sampler), 7 sampling rules and the loss. FFN and AdaLNBeforeHead keep VAR's names.
 
 Shape letters, one meaning each in the whole project (lower case in einsum / einops strings,
 except L, which stays L there so as not to read as l):
@@ -12,7 +14,8 @@ except L, which stays L there so as not to read as l):
   K    number of scales; k a scale index     V     codebook size (vocab_size)
   pn   side of one scale's token map         Cvae  tokenizer latent channels
   l    pn^2, the tokens of one scale         L     sum of pn^2, the tokens of all scales
-  H    heads: attention heads, and the SSM heads inside Mamba
+  H    heads of the layer at hand: ScaleAttention's num_heads, or Mamba2's expand * C / P SSM
+       heads (at depth 16: 16 attention heads, 32 SSM heads); d  channels per attention head
   P    channels per SSM head (headdim)       N     SSM state size (d_state)
   G    groups of SSM heads sharing the SSM's B and C (r = H / G heads per group)
   Q    chunk length of the parallel scan     c     chunk index / number of chunks
@@ -36,7 +39,6 @@ Map 1, the papers to this file:
 Map 2, the official code's names to this file's (state-dict keys are the official ones):
   AdaLNSelfAttn (VAR, M-VAR)                        Block
   SelfAttention                                     ScaleAttention
-  FFN, AdaLNBeforeHead                              FFN, AdaLNBeforeHead
   Mamba2, RMSNormGated (mamba_ssm)                  Mamba2, GatedRMSNorm
   mamba_chunk_scan_combined (mamba_ssm kernel)      ssd_scan_parallel
   ssd_minimal_discrete, segsum (Mamba-2 listing)    ssd_scan_parallel, segsum
@@ -62,9 +64,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 
-# ---------------------------------------------------------------------------------------------
+# =====================================================================================
 # 1. The selective state-space scan (Mamba-2 §6)
-# ---------------------------------------------------------------------------------------------
+# =====================================================================================
 # Mamba-2's SSM, per head h with a *scalar* decay A_h < 0 and step sizes dt_t > 0:
 #
 #     state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * outer(x_t, B_t)      state: (P, N)
@@ -260,9 +262,9 @@ def _check_scan_inputs(x, dt, A, B, C, D, initial_state):
     return b, L, H, P, G, N
 
 
-# ---------------------------------------------------------------------------------------------
+# =====================================================================================
 # 2. The Mamba-2 layer (Mamba-2 §7)
-# ---------------------------------------------------------------------------------------------
+# =====================================================================================
 # One Mamba-2 layer around the scan above:
 #
 #   u -> in_proj -> [z | xBC | dt]
@@ -414,7 +416,8 @@ class MVARConfig:
     alng: float = 1e-3            # init scale of the AdaLN gate rows (VAR's `alng`)
     aln: float = 0.5              # init scale of the AdaLN scale/shift rows (VAR's `aln`)
     head_init: float = 0.02       # init scale of the output head (VAR's `hd`)
-    # Mamba-2 settings (mamba_ssm's defaults, as in M-VAR); d_inner = expand * width = H * P.
+    # Mamba-2 settings of M-VAR's released models (d_state 64; mamba_ssm's own default is 128);
+    # scan_chunk is this file's (mamba_ssm's kernel uses 256). d_inner = expand * width = H * P.
     d_state: int = 64
     d_conv: int = 4
     expand: int = 2
@@ -492,13 +495,12 @@ class ScaleAttention(nn.Module):
 
     def __init__(self, C: int, num_heads: int, l2_norm: bool, block_causal: bool):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.l2_norm = num_heads, l2_norm
         self.block_causal = block_causal   # True: VAR (sees coarser scales); False: M-VAR
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(C))
         self.v_bias = nn.Parameter(torch.zeros(C))
         self.proj = nn.Linear(C, C)
-        self.l2_norm = l2_norm
         if l2_norm:
             # Cosine attention (VAR): q and k are unit vectors, the logit scale is learned per
             # head, initialised at 4 and clamped at 100 for stability.
@@ -556,6 +558,10 @@ class FFN(nn.Module):
 
 
 class Block(nn.Module):
+    """One M-VAR block (the official AdaLNSelfAttn): attention inside each scale, Mamba-2 across
+    all scales, and an FFN, each conditioned on the class through AdaLN. With arch="var" it is
+    VAR's block: block-causal attention over all coarser scales, and no Mamba line."""
+
     def __init__(self, cfg: MVARConfig, drop_path_rate: float):
         super().__init__()
         C = cfg.width
@@ -574,11 +580,11 @@ class Block(nn.Module):
         norm(x, i) = LN(x) (1 + s_i) + b_i, the branch's input, and gate(y, i) = g_i y, its output
         scaled (and in training dropped for some samples: drop-path, or stochastic depth)."""
         B, C = cond_BC.shape
-        g, s, b = self.ada_lin(cond_BC).view(B, 1, 3, self.num_branches, C).unbind(2)
-        norm = lambda x, i: F.layer_norm(x, (C,), eps=1e-6) * (1 + s[:, :, i]) + b[:, :, i]
+        gamma, scale, shift = self.ada_lin(cond_BC).view(B, 1, 3, self.num_branches, C).unbind(2)
+        norm = lambda x, i: F.layer_norm(x, (C,), eps=1e-6) * (1 + scale[:, :, i]) + shift[:, :, i]
 
         def gate(y, i):
-            y = y * g[:, :, i]
+            y = y * gamma[:, :, i]
             if self.training and self.drop_path_rate > 0:
                 keep = y.new_empty(B, 1, 1).bernoulli_(1 - self.drop_path_rate)
                 y = y * keep / (1 - self.drop_path_rate)
@@ -643,7 +649,7 @@ class MVAR(nn.Module):
     """Class-conditional scale-wise autoregressive generator (M-VAR, or VAR with arch="var").
 
     Sequence layout (VAR's, kept by M-VAR): L = sum pn^2 tokens, scale 0 first. The input of
-    scale 0 is the class token (its `pn0^2` positions share it); the input of scale k > 0 is the
+    scale 0 is the class token (its `pn_0^2` positions share it); the input of scale k > 0 is the
     tokenizer's running reconstruction f_hat after scales < k, area-downsampled to pn_k x pn_k
     (the "teacher input"), so predicting scale k never sees scale k's own tokens.
     """
@@ -696,20 +702,16 @@ class MVAR(nn.Module):
     # ----- teacher-forced forward (training and evaluation) -----------------------------
     def forward(self, labels, teacher_input):
         """labels: (B,) in [0, num_classes] (num_classes = the null class);
-        teacher_input: (B, L - pn0^2, Cvae) from tokenizer.idx_to_teacher_input.
+        teacher_input: (B, L - pn_0^2, Cvae) from tokenizer.idx_to_teacher_input.
         Returns logits (B, L, V). In train mode each label is replaced by the null class
         with probability cond_drop, which teaches the unconditional model used by CFG."""
-        cfg = self.cfg
-        self._check_labels(labels, allow_null=True)
-        B, first = labels.shape[0], cfg.patch_nums[0] ** 2
-        if teacher_input.shape[1:] != (cfg.seq_len - first, cfg.Cvae):
-            raise ValueError(f"teacher_input must be (B, {cfg.seq_len - first}, {cfg.Cvae}) for "
-                             f"patch_nums {cfg.patch_nums}, got {tuple(teacher_input.shape)}")
+        cfg, B = self.cfg, labels.shape[0]
+        self._check_inputs(labels, allow_null=True, teacher_input=teacher_input)
         if self.training and cfg.cond_drop > 0:
             drop = torch.rand(B, device=labels.device) < cfg.cond_drop
             labels = torch.where(drop, torch.full_like(labels, cfg.num_classes), labels)
         cond_BC = self.class_emb(labels)
-        sos = cond_BC.unsqueeze(1) + self.pos_start                  # (B, first, C)
+        sos = cond_BC.unsqueeze(1) + self.pos_start                  # (B, pn_0^2, C)
         x = torch.cat([sos, self.word_embed(teacher_input.to(sos.dtype))], dim=1)
         x = x + self.lvl_embed(self.lvl_1L) + self.pos_1LC           # (B, L, C)
         for block in self.blocks:
@@ -718,7 +720,7 @@ class MVAR(nn.Module):
 
     # ----- sampling (VAR's autoregressive_infer_cfg, with Mamba's state carried) ----------
     @torch.no_grad()
-    def sample_tokens(self, tokenizer, labels, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
+    def sample_tokens(self, tokenizer, labels, cfg_scale=1.5, top_k=0, top_p=0.0, more_smooth=False,
                       generator=None, mamba_mode="carry", return_scales=False, return_logits=False):
         """Generate token maps scale by scale. labels: (B,) class ids.
 
@@ -729,31 +731,24 @@ class MVAR(nn.Module):
         more work). The official sampler's choices stay: CFG with a strength ramped linearly
         over the scales, top-k / top-p, and the gumbel "more smooth" mode for pictures.
 
-        Returns a dict: "idx" list of K (B, l) token maps, "f_hat" (B, Cvae, pn, pn) at the last
+        Returns a dict: "idx" list of K (B, l) token maps, "f_hat" (B, Cvae, h, w) after the last
         scale's pn, and if asked "scales" (the f_hat after each scale) and "logits" (per scale,
-        the raw logits: (2B, l, V), conditional and null halves, when cfg > 0, else (B, l, V))."""
-        m = self.cfg
-        self._check_labels(labels, allow_null=False)
-        tok = (tuple(tokenizer.cfg.patch_nums), tokenizer.cfg.vocab_size, tokenizer.cfg.z_channels)
-        if tok != (m.patch_nums, m.vocab_size, m.Cvae):
-            raise ValueError(f"the tokenizer's (patch_nums, vocab, Cvae) = {tok} does not match "
-                             f"the generator's {(m.patch_nums, m.vocab_size, m.Cvae)}: load the "
-                             f"tokenizer the generator was trained with")
-        if mamba_mode not in ("carry", "rerun"):
-            raise ValueError(f"mamba_mode must be 'carry' or 'rerun', got {mamba_mode!r}")
-        rerun = mamba_mode == "rerun" and m.arch == "mvar"
+        the raw logits: (2B, l, V), conditional and null halves, when cfg_scale > 0, else (B, l, V))."""
+        cfg = self.cfg
+        self._check_inputs(labels, allow_null=False, tokenizer=tokenizer, mamba_mode=mamba_mode)
+        rerun = mamba_mode == "rerun" and cfg.arch == "mvar"
         step = Block.forward_one_scale_rerun if rerun else Block.forward_one_scale
-        B, K = labels.shape[0], len(m.patch_nums)
-        use_cfg = cfg > 0
+        B, K = labels.shape[0], len(cfg.patch_nums)
+        use_cfg = cfg_scale > 0
         if use_cfg:   # one batch: conditional half, then the null class half
-            labels = torch.cat([labels, torch.full_like(labels, m.num_classes)])
+            labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
         cond_BC = self.class_emb(labels)
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC                 # (1, L, C)
-        x = cond_BC.unsqueeze(1) + self.pos_start + lvl_pos[:, :m.patch_nums[0] ** 2]
+        x = cond_BC.unsqueeze(1) + self.pos_start + lvl_pos[:, :cfg.patch_nums[0] ** 2]
 
         carried = [None] * len(self.blocks)         # None: nothing seen yet
         f_hat, out = None, {"idx": [], "scales": [], "logits": []}
-        for k, pn in enumerate(m.patch_nums):
+        for k, pn in enumerate(cfg.patch_nums):
             for i, block in enumerate(self.blocks):
                 x, carried[i] = step(block, x, cond_BC, carried[i])
             logits = self.head(self.head_nm(x, cond_BC)).float()              # (2B or B, l, V)
@@ -761,19 +756,19 @@ class MVAR(nn.Module):
                 out["logits"].append(logits)
             ratio = k / (K - 1)
             if use_cfg:   # classifier-free guidance, strength ramped linearly over scales
-                t = cfg * ratio
+                t = cfg_scale * ratio
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             if more_smooth:   # soft (gumbel-softmax) code mixture: smoother pictures, not for FID
                 tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
                 probs = gumbel_softmax(logits * (1 + ratio), tau, generator)
-                h = probs @ tokenizer.quantize.embedding.weight                # (B, l, Cvae)
-                h = rearrange(h, "b (row col) cvae -> b cvae row col", row=pn)
+                z_k = probs @ tokenizer.quantize.embedding.weight              # (B, l, Cvae)
+                z_k = rearrange(z_k, "b (row col) cvae -> b cvae row col", row=pn)
                 idx = probs.argmax(-1)
             else:
                 idx = sample_top_k_top_p(logits, top_k, top_p, generator)      # (B, l)
-                h = tokenizer.embed_scale(idx, k)
+                z_k = tokenizer.embed_scale(idx, k)                           # (B, Cvae, pn, pn)
             out["idx"].append(idx)
-            f_hat, next_in = tokenizer.next_input(k, f_hat, h)
+            f_hat, next_in = tokenizer.next_input(k, f_hat, z_k)
             if return_scales:
                 out["scales"].append(f_hat.clone())
             if k + 1 < K:
@@ -786,27 +781,34 @@ class MVAR(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, tokenizer, labels, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
+    def generate(self, tokenizer, labels, cfg_scale=1.5, top_k=0, top_p=0.0, more_smooth=False,
                  generator=None, return_scales=False, mamba_mode="carry"):
-        """Sample images for `labels` (B,) -> images (B, channels, height, width) in [0, 1]; with
+        """Sample images for `labels` (B,) -> images (B, Cimg, S, S) in [0, 1]; with
         return_scales also a list of K such batches, the picture decoded after each scale."""
-        out = self.sample_tokens(tokenizer, labels, cfg, top_k, top_p, more_smooth, generator,
+        out = self.sample_tokens(tokenizer, labels, cfg_scale, top_k, top_p, more_smooth, generator,
                                  mamba_mode, return_scales=return_scales)
         to01 = lambda f: tokenizer.fhat_to_img(f).add(1).mul(0.5).clamp(0, 1)
         images = to01(out["f_hat"])
-        if return_scales:
-            return images, [to01(f) for f in out["scales"]]
-        return images
+        return (images, [to01(f) for f in out["scales"]]) if return_scales else images
 
-    def _check_labels(self, labels, allow_null: bool):
-        top = self.cfg.num_classes - 1 + allow_null
+    def _check_inputs(self, labels, allow_null: bool, teacher_input=None, tokenizer=None, mamba_mode="carry"):
+        """The public entry points' input checks, with the fix in each message."""
+        cfg, top = self.cfg, self.cfg.num_classes - 1 + allow_null
         if labels.dtype not in (torch.int64, torch.int32) or labels.ndim != 1:
-            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() > top):
-            raise ValueError(f"class labels must be in [0, {self.cfg.num_classes - 1}] "
-                             f"(num_classes = {self.cfg.num_classes}); got "
-                             f"{labels.min().item()} .. {labels.max().item()}")
+            raise ValueError(f"class labels must be in [0, {cfg.num_classes - 1}] (num_classes = "
+                             f"{cfg.num_classes}); got {labels.min().item()} .. {labels.max().item()}")
+        want = (cfg.seq_len - cfg.patch_nums[0] ** 2, cfg.Cvae)
+        if teacher_input is not None and teacher_input.shape[1:] != want:
+            raise ValueError(f"teacher_input must be (B, {want[0]}, {want[1]}) for patch_nums "
+                             f"{cfg.patch_nums}, got {tuple(teacher_input.shape)}")
+        tok = tokenizer and (tuple(tokenizer.cfg.patch_nums), tokenizer.cfg.vocab_size, tokenizer.cfg.z_channels)
+        if tokenizer is not None and tok != (cfg.patch_nums, cfg.vocab_size, cfg.Cvae):
+            raise ValueError(f"the tokenizer's (patch_nums, vocab, Cvae) = {tok} does not match the generator's "
+                             f"{(cfg.patch_nums, cfg.vocab_size, cfg.Cvae)}: load the tokenizer it was trained with")
+        if mamba_mode not in ("carry", "rerun"):
+            raise ValueError(f"mamba_mode must be 'carry' or 'rerun', got {mamba_mode!r}")
 
 
 # =====================================================================================

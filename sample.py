@@ -4,7 +4,7 @@
     python sample.py --ckpt runs/tiny/mvar.pt --classes 0-3 --per_class 8 --strip
     python sample.py --ckpt RUN/mvar.pt --npz 10000 --batch 250    # FID input, classes balanced
     python sample.py --official mvar_d16.pth --arch mvar --depth 16 \
-        --vae_ckpt vae_ch160v4096z32.pth --npz 50000 --batch 125  # the released ImageNet weights
+        --vae_ckpt data/vae_ch160v4096z32.pth --npz 50000 --batch 125   # released ImageNet weights
 
 Generation itself is `MVAR.generate` (mvar.py): class -> K token maps, coarse to fine, one scale
 at a time -> the tokenizer decodes them. This file batches it and writes `<arch>_grid.png` (one
@@ -50,7 +50,7 @@ def sample_images(model, tokenizer, labels: torch.Tensor, batch: int, settings: 
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True, disable=len(labels) <= batch):
         with autocast(device, amp_dtype):
-            out = model.generate(tokenizer, labels[start:start + batch].to(device), cfg=settings["cfg"],
+            out = model.generate(tokenizer, labels[start:start + batch].to(device), cfg_scale=settings["cfg"],
                                  top_k=settings["top_k"], top_p=settings["top_p"],
                                  more_smooth=settings["more_smooth"], generator=gen, return_scales=strip)
         img, per_scale = out if strip else (out, None)
@@ -121,9 +121,7 @@ def main(argv=None) -> dict:
                             column_labels=[f"{p}x{p}" for p in pns], row_labels=[names[i % len(names)] for i in range(len(labels))])
             result["strip"] = paths["strip"]
     result.update(images=len(labels), seconds=seconds, images_per_s=len(labels) / seconds)
-    for kind in ("grid", "strip", "npz"):
-        if result[kind]:
-            print(f"wrote {result[kind]}")
+    print("\n".join(f"wrote {result[kind]}" for kind in ("grid", "strip", "npz") if result[kind]))
     print(f"{len(labels)} images in {seconds:.2f} s: {result['images_per_s']:.2f} images/s "
           f"(generation + decoding, batch {args.batch}, model load excluded)")
     return result
@@ -141,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--official", default="", help="released M-VAR / VAR ImageNet-256 weights (.pth)")
     src.add_argument("--arch", default="mvar", choices=("mvar", "var"), help="architecture of --official (default mvar)")
     src.add_argument("--depth", type=int, default=16, help="depth of --official: 16 (default), 20, 24, 30, 32")
-    src.add_argument("--vae_ckpt", default="vae_ch160v4096z32.pth", help="VAR's released tokenizer, with --official (default %(default)s)")
+    src.add_argument("--vae_ckpt", default="data/vae_ch160v4096z32.pth", help="VAR's released tokenizer, with --official (default %(default)s)")
     src.add_argument("--official_config", default="", help=argparse.SUPPRESS)   # JSON, for tests
     what = p.add_argument_group("what to sample")
     what.add_argument("--classes", default="", help="class ids, e.g. 0-9 or 1,5,7 or all (default: the first 10; with --npz: all)")

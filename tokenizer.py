@@ -16,7 +16,7 @@ Shape letters (one meaning each, across the project):
     Cimg  image channels (1 grey, 3 RGB; cfg.in_channels)
     S     image side: images are S x S (cfg.image_size)
     h, w  height, width of a feature map; the latent's is S / 2**(len(ch_mult) - 1) (cfg.latent_size)
-    c     channels of a feature map inside the conv autoencoder (cfg.ch * cfg.ch_mult[i])
+    ch    channels of a feature map inside the conv autoencoder (cfg.ch * cfg.ch_mult[i])
     Cvae  latent channels = codebook vector size (cfg.z_channels; VAR: 32)
     V     codebook size (cfg.vocab_size; VAR: 4096)
     K     number of scales = len(cfg.patch_nums) (VAR: 10);  k  a scale index, 0..K-1
@@ -447,9 +447,9 @@ def _distributed() -> bool:
 #    as in a single-scale VQ-VAE; everything multi-scale lives in sections 2 and 3.
 # ----------------------------------------------------------------------------------------------
 
-def group_norm(c: int) -> nn.GroupNorm:
+def group_norm(ch: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups and eps 1e-6, the normalisation of every LDM-style block."""
-    return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=32, num_channels=ch, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -472,40 +472,40 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention among the h*w positions, with a residual. (B, c, h, w) -> same.
-    q, k, v come from ONE fused 1x1 conv qkv (c -> 3c), as in VAR's checkpoint; scale 1/sqrt(c)."""
+    """Single-head self-attention among the h*w positions, with a residual. (B, ch, h, w) -> same.
+    q, k, v come from ONE fused 1x1 conv qkv (ch -> 3 ch), as in VAR's checkpoint; scale 1/sqrt(ch)."""
 
-    def __init__(self, c: int):
+    def __init__(self, ch: int):
         super().__init__()
-        self.norm = group_norm(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj_out = nn.Conv2d(c, c, 1)
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         h, w = x.shape[2:]
-        q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c") for t in self.qkv(self.norm(x)).chunk(3, dim=1))
-        out = F.scaled_dot_product_attention(q, k, v)                    # (B, 1 head, h*w, c)
-        return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
+        q, k, v = (rearrange(t, "b ch h w -> b 1 (h w) ch") for t in self.qkv(self.norm(x)).chunk(3, dim=1))
+        out = F.scaled_dot_product_attention(q, k, v)                    # (B, 1 head, h*w, ch)
+        return x + self.proj_out(rearrange(out, "b 1 (h w) ch -> b ch h w", h=h, w=w))
 
 
 class Downsample2x(nn.Module):
-    """(B, c, h, w) -> (B, c, h/2, w/2): pad one pixel right and bottom (LDM's asymmetric pad,
+    """(B, ch, h, w) -> (B, ch, h/2, w/2): pad one pixel right and bottom (LDM's asymmetric pad,
     which keeps the conv aligned to the top-left pixel), then a stride-2 3x3 conv."""
 
-    def __init__(self, c: int):
+    def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample2x(nn.Module):
-    """(B, c, h, w) -> (B, c, 2h, 2w): nearest-neighbour upsampling, then a 3x3 conv."""
+    """(B, ch, h, w) -> (B, ch, 2h, 2w): nearest-neighbour upsampling, then a 3x3 conv."""
 
-    def __init__(self, c: int):
+    def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -539,11 +539,11 @@ class Level(nn.Module):
 class Middle(nn.Module):
     """ResNet block -> attention -> ResNet block at the lowest resolution (VAR's mid.* keys)."""
 
-    def __init__(self, c: int, dropout: float):
+    def __init__(self, ch: int, dropout: float):
         super().__init__()
-        self.block_1 = ResnetBlock(c, c, dropout)
-        self.attn_1 = AttnBlock(c)
-        self.block_2 = ResnetBlock(c, c, dropout)
+        self.block_1 = ResnetBlock(ch, ch, dropout)
+        self.attn_1 = AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch, dropout)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -555,16 +555,16 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        n, c = len(cfg.ch_mult), cfg.ch
-        self.conv_in = nn.Conv2d(cfg.in_channels, c, 3, padding=1)
+        n, ch = len(cfg.ch_mult), cfg.ch
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         for i, mult in enumerate(cfg.ch_mult):
-            self.down.append(Level(c, cfg.ch * mult, cfg.num_res_blocks, cfg.dropout, attn=i == n - 1,
+            self.down.append(Level(ch, cfg.ch * mult, cfg.num_res_blocks, cfg.dropout, attn=i == n - 1,
                                    resample="downsample" if i != n - 1 else None))
-            c = cfg.ch * mult
-        self.mid = Middle(c, cfg.dropout)
-        self.norm_out = group_norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+            ch = cfg.ch * mult
+        self.mid = Middle(ch, cfg.dropout)
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)
@@ -579,17 +579,17 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        n, c = len(cfg.ch_mult), cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = Middle(c, cfg.dropout)
+        n, ch = len(cfg.ch_mult), cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.mid = Middle(ch, cfg.dropout)
         levels = []
         for i in reversed(range(n)):
-            levels.insert(0, Level(c, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, cfg.dropout,
+            levels.insert(0, Level(ch, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, cfg.dropout,
                                    attn=i == n - 1, resample="upsample" if i != 0 else None))
-            c = cfg.ch * cfg.ch_mult[i]
+            ch = cfg.ch * cfg.ch_mult[i]
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid(self.conv_in(z))

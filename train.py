@@ -38,15 +38,13 @@ Paper -> code
       uses L1 + L2 + the VQ losses; VAR adds perceptual and GAN losses, which need a GPU)
 
 Official code -> this file (VAR's repository: train.py, trainer.py, utils/)
-  arg_util.Args ................ TrainConfig          lr_control.lr_wd_annealing .. lr_at, wd_at
-  lr_control.filter_params ..... param_groups         VARTrainer.train_step ....... the loop body
-  VQVAE.img_to_idxBl over the dataset (done on the fly there) ........ encode_images, once
-  dist.initialize .............. setup_distributed
+  arg_util.Args -> TrainConfig                      lr_control.lr_wd_annealing -> lr_at, wd_at
+  lr_control.filter_params -> param_groups          VARTrainer.train_step -> the loop body
+  vae.img_to_idxBl at every step -> encode_images, once  dist.initialize -> runs.setup_distributed
 
-Shape letters (as in mvar.py and tokenizer.py)
-  B  batch (per process)    Cimg  image channels    S  image side (S x S)    K  scales
-  pn side of one scale's token map    L  tokens of all scales = sum pn^2    V  codebook size
-  Cvae tokenizer latent channels
+Shape letters (as in mvar.py and tokenizer.py): B batch (per process), Cimg image channels,
+S image side, K scales, pn side of one scale's token map, L = sum pn^2 tokens of all scales,
+V codebook size, Cvae tokenizer latent channels.
 """
 from __future__ import annotations
 
@@ -64,10 +62,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runs import (DistInfo, amp_setup, autocast, checkpoint_or_stop, check_same_run, file_digest,
-                  gather_rng, load_checkpoint, load_state_dict_checked, load_tokenizer_state,
-                  load_trained_tokenizer, load_var_checkpoint, parse_config_args, restore_rng,
-                  save_checkpoint, setup_distributed, wrap_ddp, write_json)
+from runs import (DistInfo, amp_setup, autocast, check_same_run, checkpoint_or_stop, file_digest,
+                  gather_rng, load_checkpoint, load_state_dict_checked, load_tokenizer_state, load_trained_tokenizer,
+                  load_var_checkpoint, parse_config_args, restore_rng, save_checkpoint, setup_distributed, wrap_ddp, write_json)
 from data import (ShardedSampler, TokenDataset, cached_tokens, check_labels, load_dataset,
                   save_image_grid, save_loss_plot, split_scales, step_loader)
 from mvar import MVAR, MVARConfig, compute_loss
@@ -92,8 +89,7 @@ class TrainConfig:
     out_dir: str = _f("", "run folder (default runs/<preset>); re-running resumes from it")
     seed: int = _f(0, "seed for init, data order and augmentation")
     device: str = _f("auto", "auto | cpu | cuda | mps (auto: cuda:LOCAL_RANK if available)")
-    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA if supported, "
-                                "else fp16; fp32 on CPU)")
+    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA if supported, else fp16; fp32 on CPU)")
     compile: bool = _f(False, "torch.compile the generator")
     max_minutes: float = _f(0.0, "stop cleanly (with a checkpoint) after this many minutes; 0 = no limit")
     stop_after: int = _f(0, "stop (with a checkpoint) after this many steps in this invocation; 0 = no limit")
@@ -148,26 +144,18 @@ class TrainConfig:
     samples_per_class: int = _f(4, "sample grid: images per class (first 10 classes)")
 
 
-# Presets change only what differs from the dataclass defaults above (which are "tiny": 16px
-# shapes, 4x4 latents, a depth-4 width-128 generator -- sized so `python train.py` finishes
-# both stages within 15 minutes on a 2-core CPU).
-# ImageNet numbers are VAR's / M-VAR's official training commands ("the hyperparameters of
-# training are the same as VAR"): d16 --bs=768 --ep=200 --alng=1e-3 --wpe=0.1; d20 --ep=250;
-# d24 --ep=350 --tblr=8e-5 --alng=1e-4 --wpe=0.01; d30 --bs=1024 --ep=350 --tblr=8e-5
-# --alng=1e-5 --wpe=0.01 --twde=0.08; warm-up ep/50 (VAR's default), base lr 1e-4 per 256.
-# VAR trains those in fp16; we default to bf16 on GPUs that support it (no loss scaling).
-_IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256", patch_nums=(),
-                 width=0, num_heads=0,
-                 vae_ckpt="data/vae_ch160v4096z32.pth", base_lr=1e-4, num_workers=8,
+# Presets change only what differs from the defaults above ("tiny": 16 px shapes, 4x4 latents,
+# a depth-4 width-128 generator, both stages in ~12 minutes on a 2-core CPU). The ImageNet ones
+# are VAR's / M-VAR's released training commands (M-VAR: "the hyperparameters of training are
+# the same as VAR"), warm-up ep/50 (VAR's default); each preset lists what its command sets.
+_IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256", patch_nums=(), width=0,
+                 num_heads=0, vae_ckpt="data/vae_ch160v4096z32.pth", base_lr=1e-4, num_workers=8,
                  log_every=100, ckpt_every=2000, image_every=5000, eval_images=10000,
                  gen_batch=768, samples_per_class=1)
 PRESETS = {
     "tiny": dict(),
-    # Both stages in 37 minutes on an idle 2-core CPU with 2 threads (~1 h with 1 thread; README
-    # "Fashion-MNIST in 40 minutes"): the native 28x28 images (no padding) with the 32px
-    # tokenizer's layers give 7x7 latents and 5 scales, L = 88 tokens; 1 tokenizer epoch; the
-    # tiny generator for 1.6 epochs at batch 32, base_lr 8e-3 per 256 images = peak lr 1e-3:
-    # many small steps learn more per CPU-second than few big ones.
+    # Both stages in ~37 minutes on a 2-core CPU (benchmarks/RESULTS.md): native 28x28 images,
+    # 7x7 latents, L = 88 tokens; many small generator steps (batch 32, peak lr 1e-3).
     "fashion-mnist": dict(dataset="fashion-mnist", image_size=28, patch_nums=(1, 2, 3, 5, 7),
                           tok_epochs=1.0, tok_batch=32, tok_lr=1e-3,
                           gen_batch=32, base_lr=8e-3, gen_epochs=1.6, cfg_scale=3.0),
@@ -243,9 +231,10 @@ def wd_at(step: int, total: int, wd: float, wd_end: float) -> float:
 
 
 # Parameters that must not shrink toward zero: position / level embeddings, the cosine-attention
-# temperature, and Mamba's dt_bias / A_log / D (they set each head's time scale, Mamba-2 §3).
-# Biases and norm weights are caught by their shape (ndim <= 1).
-NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "dt_bias", "A_log")
+# temperature, and what mvar.Mamba2 marks `_no_weight_decay` (dt_bias and A_log, which set each
+# SSM head's time scale, and the skip weight D), as mamba_ssm does. Biases and norm weights are
+# caught by their shape (ndim <= 1).
+NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -254,8 +243,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or leaf in ("bias", "D") or any(k in name for k in NO_DECAY_KEYS):
+        if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) or any(k in name for k in NO_DECAY_KEYS):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -622,17 +610,16 @@ def eval_generator(model, tokenizer, ds: TokenDataset, batch: int, limit: int, d
 @torch.no_grad()
 def sample_grid(model, tokenizer, cfg: TrainConfig, class_names, path, device) -> None:
     """Sample grid PNG: one column per class (the first 10), samples_per_class rows, fixed seed."""
-    was_training = model.training
-    classes = min(len(class_names), 10)
+    was_training, classes = model.training, min(len(class_names), 10)
     labels = torch.arange(classes, device=device).repeat(cfg.samples_per_class)
-    images = model.eval().generate(tokenizer, labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p,
+    images = model.eval().generate(tokenizer, labels, cfg_scale=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p,
                                    generator=torch.Generator(device=device).manual_seed(cfg.seed))
     save_image_grid(images, path, classes, column_labels=class_names[:classes])
     model.train(was_training)
 
 
 # ============================================================================================
-# 6. main, and the plumbing: devices, torchrun, precision, stopping, the command line
+# 6. main
 # ============================================================================================
 
 def main(argv=None) -> dict:
