@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -438,16 +439,75 @@ def load_official_checkpoint(model: MVAR, path_or_state_dict) -> dict:
     return {"loaded": len(sd), "ignored_buffers": ignored}
 
 
-def load_official(path, arch: str, depth: int, vae_ckpt, device="cpu", overrides: dict | None = None):
-    """Released ImageNet-256 weights -> (generator, tokenizer), both in eval mode on `device`.
+# The scale pyramids of the released models, by sequence length L: VAR's 256 px and 512 px ones.
+KNOWN_PYRAMIDS = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 
-    The generator is MVARConfig(arch, depth) with ImageNet's 1000 classes and VAR's 256 px
-    pyramid; the tokenizer is VAR's vae_ch160v4096z32.pth. `overrides` = {"model": {...},
-    "tokenizer": {...}} changes config fields (the tests load small fake weights with it)."""
-    overrides = overrides or {}
-    model = MVAR(MVARConfig(**{"arch": arch, "depth": depth, "num_classes": 1000, **overrides.get("model", {})}))
-    load_official_checkpoint(model, read_torch_file(path, f"{arch} generator checkpoint",
-                                                    "Pass the released .pth of the official M-VAR / VAR repository."))
-    tok = MultiScaleVQVAE(tokenizer_config("var256", **overrides.get("tokenizer", {})))
-    load_tokenizer_state(tok, read_torch_file(vae_ckpt, "VAR tokenizer", f"Download it (436 MB): wget -O {vae_ckpt} {VAE_URL}"))
+
+def official_generator_config(sd: dict, patch_nums=None) -> MVARConfig:
+    """An official M-VAR / VAR generator's MVARConfig, read from its state dict's keys and shapes:
+    Mamba keys or not (arch), the number of blocks (depth), word_embed (width, Cvae), head (V),
+    class_emb (classes + the null class), scale_mul_1H11 present or not (attn_l2_norm; its shape
+    gives the heads, else VAR's rule heads = depth), Mamba's projections (its settings), and the
+    scales from the lvl_1L buffer (the scale id of every position), else from L."""
+    if "quantize.embedding.weight" in sd:
+        raise ValueError("this is a VAR tokenizer file (it has quantize.embedding.weight), not a "
+                         "generator: pass it as --vae_ckpt, and the M-VAR / VAR .pth as --official")
+    missing = [k for k in ("word_embed.weight", "head.weight", "class_emb.weight", "pos_1LC",
+                           "blocks.0.ffn.fc1.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"not an M-VAR / VAR generator state dict: it has no {', '.join(missing)}")
+    C, Cvae = sd["word_embed.weight"].shape
+    L, l2 = sd["pos_1LC"].shape[1], "blocks.0.attn.scale_mul_1H11" in sd
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    if patch_nums is None and "lvl_1L" in sd:
+        patch_nums = tuple(round(math.sqrt(n)) for n in torch.bincount(sd["lvl_1L"].flatten()).tolist())
+    patch_nums = patch_nums or KNOWN_PYRAMIDS.get(L)
+    if patch_nums is None or sum(p * p for p in patch_nums) != L:
+        raise ValueError(f"cannot tell the scales of this {L}-token model (no lvl_1L buffer, or it "
+                         f"disagrees): pass --patch_nums, e.g. 1,2,3,4 (the squares must sum to {L})")
+    mamba = {}
+    if "blocks.0.mamba.in_proj.weight" in sd:
+        d_inner, conv = sd["blocks.0.mamba.out_proj.weight"].shape[1], sd["blocks.0.mamba.conv1d.weight"]
+        mamba = dict(expand=d_inner // C, headdim=d_inner // sd["blocks.0.mamba.A_log"].shape[0],
+                     d_conv=conv.shape[-1], d_state=(conv.shape[0] - d_inner) // 2)
+    return MVARConfig(arch="mvar" if mamba else "var", depth=depth, width=C,
+                      num_heads=sd["blocks.0.attn.scale_mul_1H11"].shape[1] if l2 else depth,
+                      num_classes=sd["class_emb.weight"].shape[0] - 1, vocab_size=sd["head.weight"].shape[0],
+                      Cvae=Cvae, patch_nums=tuple(patch_nums), attn_l2_norm=l2,
+                      mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C, **mamba)
+
+
+def var_tokenizer_config(sd: dict, patch_nums) -> TokenizerConfig:
+    """A VAR-format tokenizer's TokenizerConfig from its shapes (channels, channel multipliers,
+    residual blocks, V, Cvae, shared phi convs); the scales are the generator's."""
+    if "head.weight" in sd:
+        raise ValueError("this is a generator file (it has head.weight), not a VAR tokenizer: pass "
+                         "it as --official, and vae_ch160v4096z32.pth (or the like) as --vae_ckpt")
+    if "quantize.embedding.weight" not in sd or "encoder.conv_in.weight" not in sd:
+        raise ValueError("not a VAR tokenizer state dict: it has no quantize.embedding.weight / encoder.conv_in.weight")
+    count = lambda prefix, at: 1 + max(int(k.split(".")[at]) for k in sd if k.startswith(prefix))
+    ch, levels = sd["encoder.conv_in.weight"].shape[0], count("encoder.down.", 2)
+    return tokenizer_config("var256", image_size=patch_nums[-1] * 2 ** (levels - 1),
+                            in_channels=sd["encoder.conv_in.weight"].shape[1], ch=ch,
+                            ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels)),
+                            num_res_blocks=count("encoder.down.0.block.", 4), z_channels=sd["quantize.embedding.weight"].shape[1],
+                            vocab_size=sd["quantize.embedding.weight"].shape[0], patch_nums=tuple(patch_nums),
+                            share_quant_resi=count("quantize.quant_resi.qresi_ls.", 3))
+
+
+def load_official(path, vae_ckpt, device="cpu", patch_nums=None, expect: dict | None = None):
+    """Released weights -> (generator, tokenizer), both in eval mode on `device`, with every
+    architecture setting read from the two files (official_generator_config, var_tokenizer_config).
+    `expect`, e.g. {"arch": "mvar", "depth": 16}, turns settings given by hand into checks."""
+    sd = read_torch_file(path, "generator checkpoint", "Pass the released .pth of the official M-VAR / VAR repository.")
+    cfg = official_generator_config(sd, patch_nums)
+    wrong = [f"--{k} {v} (the file holds {getattr(cfg, k)})" for k, v in (expect or {}).items()
+             if v is not None and v != getattr(cfg, k)]
+    if wrong:
+        raise ValueError(f"{path} does not match {', '.join(wrong)}: drop the flag, the file says it all")
+    model = MVAR(cfg)
+    load_official_checkpoint(model, sd)
+    tok_sd = read_torch_file(vae_ckpt, "VAR tokenizer", f"Download it (436 MB): wget -O {vae_ckpt} {VAE_URL}")
+    tok = MultiScaleVQVAE(var_tokenizer_config(tok_sd, cfg.patch_nums))
+    load_tokenizer_state(tok, tok_sd)
     return model.to(device).eval(), tok.to(device).eval().requires_grad_(False)

@@ -3,8 +3,7 @@
     python sample.py --ckpt runs/tiny/mvar.pt                      # class grid PNG in runs/tiny/
     python sample.py --ckpt runs/tiny/mvar.pt --classes 0-3 --per_class 8 --strip
     python sample.py --ckpt RUN/mvar.pt --npz 10000 --batch 250    # FID input, classes balanced
-    python sample.py --official mvar_d16.pth --arch mvar --depth 16 \
-        --vae_ckpt data/vae_ch160v4096z32.pth --npz 50000 --batch 125   # released ImageNet weights
+    python sample.py --official mvar_d16.pth --vae_ckpt vae_ch160v4096z32.pth   # released weights
 
 Generation itself is `MVAR.generate` (mvar.py): class -> K token maps, coarse to fine, one scale
 at a time -> the tokenizer decodes them. This file batches it and writes `<arch>_grid.png` (one
@@ -19,7 +18,6 @@ Shape letters: n images, B images per batch, Cimg image channels, S image side, 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -73,7 +71,7 @@ def main(argv=None) -> dict:
         raise ValueError("--strip draws the grid's samples; --npz writes no grid: run them separately")
     if bool(args.ckpt) == bool(args.official):
         raise ValueError("pass exactly one of --ckpt RUN/<arch>.pt (a train.py run) or "
-                         "--official PATH.pth (released weights, with --arch, --depth, --vae_ckpt)")
+                         "--official PATH.pth (released weights, with --vae_ckpt)")
     device = resolve_device(args.device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else None
 
@@ -82,12 +80,9 @@ def main(argv=None) -> dict:
         t = ck["config"]["train"]
         defaults, default_dir = {"cfg": t["cfg_scale"], "top_k": t["top_k"], "top_p": t["top_p"]}, Path(args.ckpt).parent
         class_names = ck.get("class_names") or []
-    else:
-        try:
-            overrides = json.loads(args.official_config) if args.official_config else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--official_config is not valid JSON: {e}") from e
-        model, tok = load_official(args.official, args.arch, args.depth, args.vae_ckpt, device, overrides)
+    else:   # every architecture setting is read from the two files; --arch / --depth only check
+        pns = tuple(int(p) for p in args.patch_nums.split(",")) if args.patch_nums else None
+        model, tok = load_official(args.official, args.vae_ckpt, device, pns, {"arch": args.arch, "depth": args.depth})
         defaults, default_dir, class_names = dict(OFFICIAL_FID), Path("samples"), []
     settings = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
     settings["more_smooth"] = args.more_smooth
@@ -137,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ckpt", default="", help="generator checkpoint written by train.py (RUN/mvar.pt, RUN/var.pt)")
     src.add_argument("--tokenizer", default="", help="tokenizer checkpoint (default: the one the generator names)")
     src.add_argument("--official", default="", help="released M-VAR / VAR ImageNet-256 weights (.pth)")
-    src.add_argument("--arch", default="mvar", choices=("mvar", "var"), help="architecture of --official (default mvar)")
-    src.add_argument("--depth", type=int, default=16, help="depth of --official: 16 (default), 20, 24, 30, 32")
     src.add_argument("--vae_ckpt", default="data/vae_ch160v4096z32.pth", help="VAR's released tokenizer, with --official (default %(default)s)")
-    src.add_argument("--official_config", default="", help=argparse.SUPPRESS)   # JSON, for tests
+    src.add_argument("--arch", default=None, choices=("mvar", "var"), help="with --official: check that the file holds this architecture")
+    src.add_argument("--depth", type=int, default=None, help="with --official: check that the file holds this depth")
+    src.add_argument("--patch_nums", default="", help="with --official: the scales, e.g. 1,2,3,4, if the file cannot tell them")
     what = p.add_argument_group("what to sample")
     what.add_argument("--classes", default="", help="class ids, e.g. 0-9 or 1,5,7 or all (default: the first 10; with --npz: all)")
     what.add_argument("--per_class", type=int, default=4, help="grid rows: samples per class (default 4)")

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mvar import MVAR, MVARConfig
-from runs import load_official_checkpoint
+import sample
+from runs import KNOWN_PYRAMIDS, load_official_checkpoint, official_generator_config, var_tokenizer_config
 from tokenizer import MultiScaleVQVAE, tokenizer_config
 
 GOLDEN = torch.load(Path(__file__).resolve().parent / "reference" / "official_golden.pt", weights_only=True)
@@ -88,3 +89,54 @@ def test_each_greedy_token_is_the_argmax_of_the_guided_logits():
         t = cfg * k / (K - 1)
         cond, uncond = out["logits"][k][:B], out["logits"][k][B:]
         assert torch.equal(out["idx"][k], ((1 + t) * cond - t * uncond).argmax(-1)), f"scale {k}"
+
+
+# --------------------------------------------------------------------------------------------
+# Everything about a model read from its file
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mvar", "mvar_no_l2", "var"])
+def test_config_is_read_from_the_official_state_dicts(name):
+    g = GOLDEN[name]
+    cfg = official_generator_config(g["state_dict"])
+    assert (cfg.arch, cfg.depth, cfg.width, cfg.num_heads, cfg.num_classes, cfg.vocab_size, cfg.Cvae,
+            cfg.patch_nums, cfg.attn_l2_norm) == (g["arch"], 2, 64, 2, 10, 64, 8, (1, 2, 3, 4), g["attn_l2_norm"])
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_d16_sized_key_sets_give_the_released_config(l2_norm):
+    """The released d16 / d20 M-VAR files were trained with attn_l2_norm=False: no scale_mul_1H11.
+    The key sets are built on the meta device (shapes only, no memory), without lvl_1L, so the
+    scales come from L = 680."""
+    with torch.device("meta"):
+        released = MVAR(MVARConfig(arch="mvar", depth=16, num_classes=1000, attn_l2_norm=l2_norm))
+    sd = released.state_dict()
+    assert any("scale_mul_1H11" in k for k in sd) == l2_norm
+    cfg = official_generator_config(sd)
+    assert (cfg.arch, cfg.depth, cfg.width, cfg.num_heads, cfg.num_classes, cfg.vocab_size, cfg.Cvae,
+            cfg.patch_nums, cfg.attn_l2_norm, cfg.d_state, cfg.headdim, cfg.expand) == \
+        ("mvar", 16, 1024, 16, 1000, 4096, 32, KNOWN_PYRAMIDS[680], l2_norm, 64, 64, 2)
+    with torch.device("meta"):
+        rebuilt = MVAR(cfg).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in sd.items()}
+
+
+def test_the_tokenizer_config_is_read_from_its_shapes():
+    released = tokenizer_config("var256")
+    with torch.device("meta"):
+        sd = MultiScaleVQVAE(released).state_dict()
+    assert var_tokenizer_config(sd, released.patch_nums) == released
+    with pytest.raises(ValueError, match="generator file"):
+        var_tokenizer_config(GOLDEN["var"]["state_dict"], (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="VAR tokenizer file"):
+        official_generator_config(sd)
+
+
+def test_sample_official_needs_only_the_two_paths(tmp_path):
+    """A golden state dict and a VAR-format tokenizer holding the golden quantizer, saved as
+    files: sample.py --official writes a grid with no other flag."""
+    torch.save(dict(GOLDEN["mvar_no_l2"]["state_dict"]), tmp_path / "mvar.pth")
+    torch.save(golden_tokenizer().state_dict(), tmp_path / "vae.pth")
+    res = sample.main(["--official", str(tmp_path / "mvar.pth"), "--vae_ckpt", str(tmp_path / "vae.pth"),
+                       "--out", str(tmp_path), "--per_class", "1", "--device", "cpu"])
+    assert res["grid"] == tmp_path / "mvar_grid.png" and res["grid"].is_file() and res["images"] == 10

@@ -201,9 +201,8 @@ def official(tmp_path_factory):
 
 
 def official_args(d, *more):
-    return ["--official", str(d / "mvar_d2.pth"), "--arch", "mvar", "--depth", "2",
-            "--vae_ckpt", str(d / "vae.pth"), "--official_config", json.dumps(SMALL),
-            "--device", "cpu", *more]
+    """Only the two paths: everything else is read from the files."""
+    return ["--official", str(d / "mvar_d2.pth"), "--vae_ckpt", str(d / "vae.pth"), "--device", "cpu", *more]
 
 
 def test_official_weights_load_and_sample(official, tmp_path):
@@ -232,13 +231,18 @@ def test_official_errors(official, tmp_path):
     with pytest.raises(FileNotFoundError, match="wget"):               # says where to get it
         sample.main(official_args(d)[:-2] + ["--vae_ckpt", str(tmp_path / "no_vae.pth"), "--device", "cpu"])
     swapped = official_args(d)
-    swapped[1], swapped[7] = str(d / "vae.pth"), str(d / "mvar_d2.pth")  # the two files swapped
-    with pytest.raises(ValueError, match="does not match"):
+    swapped[1], swapped[3] = str(d / "vae.pth"), str(d / "mvar_d2.pth")  # the two files swapped
+    with pytest.raises(ValueError, match="VAR tokenizer file .* pass it as --vae_ckpt"):
         sample.main(swapped)
-    wrong_arch = official_args(d)
-    wrong_arch[3] = "var"
-    with pytest.raises(ValueError, match="(?s)does not match.*check --arch"):
-        sample.main(wrong_arch)
+    swapped[1] = str(d / "mvar_d2.pth")                                   # a generator as --vae_ckpt
+    with pytest.raises(ValueError, match="generator file .* pass it as --official"):
+        sample.main(swapped)
+    with pytest.raises(ValueError, match=r"--arch var \(the file holds mvar\)"):
+        sample.main(official_args(d, "--arch", "var"))
+    with pytest.raises(ValueError, match=r"--depth 16 \(the file holds 2\)"):
+        sample.main(official_args(d, "--depth", "16"))
+    assert sample.main(official_args(d, "--arch", "mvar", "--depth", "2", "--classes", "1", "--per_class", "1",
+                                     "--out", str(tmp_path)))["images"] == 1   # agreeing checks pass
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     junk = official_args(d)
     junk[1] = str(tmp_path / "junk.pth")
