@@ -676,28 +676,31 @@ class MVAR(nn.Module):
         self.head = nn.Linear(C, cfg.vocab_size)
         self._init_weights(std=math.sqrt(1 / C / 3))
 
-    # ----- initialisation (VAR's init_weights, which M-VAR keeps) ------------------------
+    # ----- initialisation: the official M-VAR init_weights, rule by rule -------------------
     @torch.no_grad()
     def _init_weights(self, std: float):
         cfg, C = self.cfg, self.cfg.width
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):   # Linear includes Mamba's projections
+            if isinstance(m, (nn.Linear, nn.Embedding)):   # 1. every Linear, Mamba's projections too
                 nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        nn.init.trunc_normal_(self.pos_start, std=std)
+            elif isinstance(m, nn.Conv1d):                  # 2. every conv (Mamba's conv1d): std 0.02
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None and isinstance(m, (nn.Linear, nn.Conv1d)):
+                m.bias.zero_()                              #    and all their biases 0
+        nn.init.trunc_normal_(self.pos_start, std=std)      # 3. position embeddings
         nn.init.trunc_normal_(self.pos_1LC, std=std)
-        self.head.weight.mul_(cfg.head_init)
+        self.head.weight.mul_(cfg.head_init)                # 4. small logits at the start
         self.head_nm.ada_lin[-1].weight.mul_(cfg.aln)
-        residual_div = math.sqrt(2 * cfg.depth)   # keep the residual stream's variance ~ depth-free
-        for block in self.blocks:
-            block.attn.proj.weight.div_(residual_div)
+        residual_div = math.sqrt(2 * cfg.depth)   # 5. keep the residual stream's variance depth-free:
+        for block in self.blocks:                 #    attention's and the FFN's output (not Mamba's
+            block.attn.proj.weight.div_(residual_div)   # out_proj: the official code leaves it)
             block.ffn.fc2.weight.div_(residual_div)
-            if block.is_mvar:
-                block.mamba.out_proj.weight.div_(residual_div)
-            gates = block.num_branches * C                     # the first rows: g1, g2, (g3)
-            block.ada_lin[-1].weight[:gates].mul_(cfg.alng)    # gates start near 0
-            block.ada_lin[-1].weight[gates:].mul_(cfg.aln)     # scales and shifts
+            # 6. AdaLN rows: VAR's block has 6 vectors (g1, g2, s1, s2, b1, b2) and scales rows
+            # [:2C], its two gates, by alng (so each branch starts near 0) and the rest by aln.
+            # M-VAR keeps that slice at 2C for its 9 vectors (g1, g2, g3, s1..s3, b1..b3), so the
+            # FFN gate g3 starts at aln, not alng: an accident of the official code, kept here.
+            block.ada_lin[-1].weight[:2 * C].mul_(cfg.alng)
+            block.ada_lin[-1].weight[2 * C:].mul_(cfg.aln)
 
     # ----- teacher-forced forward (training and evaluation) -----------------------------
     def forward(self, labels, teacher_input):

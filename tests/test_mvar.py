@@ -281,3 +281,32 @@ def test_a_few_training_steps_lower_the_loss(tokenizer):
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("depth", [4, 8])
+def test_init_follows_the_official_recipe(depth):
+    """The official M-VAR init_weights, group by group (std measured over all blocks): Linear
+    std = sqrt(1 / 3C); conv1d 0.02 with zero bias; attn.proj and ffn.fc2 divided by sqrt(2
+    depth) but Mamba's out_proj not; AdaLN rows [:2C] (g1, g2) x alng and rows [2C:] (g3, the
+    scales and shifts) x 0.5; head x 0.02."""
+    torch.manual_seed(0)
+    alng = 1e-3
+    model = MVAR(MVARConfig(arch="mvar", depth=depth, num_classes=10, vocab_size=512, Cvae=8,
+                            patch_nums=PATCH_NUMS, alng=alng))
+    C = model.cfg.width
+    std = (1 / (3 * C)) ** 0.5
+    every = lambda get: torch.cat([get(b).detach().flatten() for b in model.blocks])
+    want = {
+        "conv1d": (every(lambda b: b.mamba.conv1d.weight), 0.02),
+        "in_proj": (every(lambda b: b.mamba.in_proj.weight), std),
+        "out_proj": (every(lambda b: b.mamba.out_proj.weight), std),
+        "attn.proj": (every(lambda b: b.attn.proj.weight), std / (2 * depth) ** 0.5),
+        "ffn.fc2": (every(lambda b: b.ffn.fc2.weight), std / (2 * depth) ** 0.5),
+        "g1, g2": (every(lambda b: b.ada_lin[1].weight[:2 * C]), std * alng),
+        "g3": (every(lambda b: b.ada_lin[1].weight[2 * C:3 * C]), std * 0.5),
+        "scales, shifts": (every(lambda b: b.ada_lin[1].weight[3 * C:]), std * 0.5),
+        "head": (model.head.weight.detach().flatten(), std * 0.02),
+    }
+    for name, (values, official) in want.items():
+        assert abs(values.std().item() / official - 1) < 0.05, f"{name}: std {values.std():.3e}, official {official:.3e}"
+    assert not every(lambda b: b.mamba.conv1d.bias).any()
