@@ -497,6 +497,7 @@ class ScaleAttention(nn.Module):
         super().__init__()
         self.num_heads, self.l2_norm = num_heads, l2_norm
         self.block_causal = block_causal   # True: VAR (sees coarser scales); False: M-VAR
+        self.keep_probs, self.probs = False, []   # set keep_probs to look at the attention (notebook 04)
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(C))
         self.v_bias = nn.Parameter(torch.zeros(C))
@@ -527,9 +528,12 @@ class ScaleAttention(nn.Module):
         for start, end in spans:
             # M-VAR: keys of this scale only. VAR: keys of this scale and every coarser one.
             k_start = 0 if self.block_causal else offset + start
-            outs.append(F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, k_start:offset + end], v[:, :, k_start:offset + end],
-                scale=self.scale))
+            q_s, k_s, v_s = q[:, :, start:end], k[:, :, k_start:offset + end], v[:, :, k_start:offset + end]
+            if self.keep_probs:   # the same attention, spelled out, its probabilities kept: (B, H, l, keys)
+                self.probs.append((q_s @ k_s.transpose(-2, -1) * self.scale).softmax(-1))
+                outs.append(self.probs[-1] @ v_s)
+            else:
+                outs.append(F.scaled_dot_product_attention(q_s, k_s, v_s, scale=self.scale))
         return self.proj(rearrange(torch.cat(outs, dim=2), "b h L d -> b L (h d)")), (k, v)
 
 
@@ -687,13 +691,13 @@ class MVAR(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None and isinstance(m, (nn.Linear, nn.Conv1d)):
                 m.bias.zero_()                              #    and all their biases 0
-        nn.init.trunc_normal_(self.pos_start, std=std)      # 3. position embeddings
-        nn.init.trunc_normal_(self.pos_1LC, std=std)
+        for pos in (self.pos_start, self.pos_1LC):          # 3. position embeddings
+            nn.init.trunc_normal_(pos, std=std)
         self.head.weight.mul_(cfg.head_init)                # 4. small logits at the start
         self.head_nm.ada_lin[-1].weight.mul_(cfg.aln)
-        residual_div = math.sqrt(2 * cfg.depth)   # 5. keep the residual stream's variance depth-free:
-        for block in self.blocks:                 #    attention's and the FFN's output (not Mamba's
-            block.attn.proj.weight.div_(residual_div)   # out_proj: the official code leaves it)
+        residual_div = math.sqrt(2 * cfg.depth)   # 5. a depth-free residual stream: attention's and
+        for block in self.blocks:                 # the FFN's outputs (the official code leaves Mamba's)
+            block.attn.proj.weight.div_(residual_div)
             block.ffn.fc2.weight.div_(residual_div)
             # 6. AdaLN rows: VAR's block has 6 vectors (g1, g2, s1, s2, b1, b2) and scales rows
             # [:2C], its two gates, by alng (so each branch starts near 0) and the rest by aln.

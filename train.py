@@ -231,9 +231,8 @@ def wd_at(step: int, total: int, wd: float, wd_end: float) -> float:
 
 
 # Parameters that must not shrink toward zero: position / level embeddings, the cosine-attention
-# temperature, and what mvar.Mamba2 marks `_no_weight_decay` (dt_bias and A_log, which set each
-# SSM head's time scale, and the skip weight D), as mamba_ssm does. Biases and norm weights are
-# caught by their shape (ndim <= 1).
+# temperature, what Mamba2 marks `_no_weight_decay` (dt_bias, A_log: each SSM head's time scale;
+# the skip weight D), as mamba_ssm does; biases and norm weights, caught by ndim <= 1.
 NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul")
 
 

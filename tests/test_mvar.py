@@ -310,3 +310,22 @@ def test_init_follows_the_official_recipe(depth):
     for name, (values, official) in want.items():
         assert abs(values.std().item() / official - 1) < 0.05, f"{name}: std {values.std():.3e}, official {official:.3e}"
     assert not every(lambda b: b.mamba.conv1d.bias).any()
+
+
+@pytest.mark.parametrize("arch", ["mvar", "var"])
+def test_kept_attention_probabilities_are_the_attention_the_model_applies(arch):
+    """keep_probs spells the attention out and keeps its probabilities (notebook 04 reads them):
+    the logits must not change, every query's probabilities must sum to 1, and each scale's
+    queries must cover exactly their keys (own scale for M-VAR; own and coarser for VAR)."""
+    model, labels = tiny_model(arch), torch.tensor([0, 3, 4])
+    x = random_teacher_input(model)
+    want = model(labels, x)
+    for block in model.blocks:
+        block.attn.keep_probs = True
+    torch.testing.assert_close(model(labels, x), want, rtol=1e-5, atol=1e-5)
+    for block in model.blocks:
+        assert len(block.attn.probs) == len(PATCH_NUMS)
+        for (start, end), probs in zip(scale_spans(PATCH_NUMS), block.attn.probs):
+            keys = end - start if arch == "mvar" else end
+            assert probs.shape == (3, 2, end - start, keys)
+            torch.testing.assert_close(probs.sum(-1), torch.ones(3, 2, end - start))
