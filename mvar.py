@@ -136,12 +136,12 @@ def parallel_linear_scan(s, log_decay):
     h_i = sum_{j <= i} exp(log_decay_{j+1} + ... + log_decay_i) * s_j.
 
     This is the parallel-scan idea (work-efficient, as in Blelloch 1990, written recursively).
-    Each element is an affine map  h -> exp(l) * h + s,  and two consecutive maps compose into
-    one map of the same kind: first (l1, s1) then (l2, s2) is (l1 + l2, exp(l2) * s1 + s2).
+    Each element is an affine map  h -> exp(a) * h + s  (a: a log-decay), and two consecutive maps
+    compose into one map of the same kind: first (a1, s1) then (a2, s2) is (a1 + a2, exp(a2) s1 + s2).
     Because composing is associative, we may group the steps as we like:
       1. pair up neighbours (0,1), (2,3), ... and compose each pair: c/2 maps, all at once;
       2. scan those c/2 maps, recursively: that gives h at every odd position 1, 3, 5, ...;
-      3. fill in the even positions from the odd ones: h_2i = exp(l_2i) h_(2i-1) + s_2i.
+      3. fill in the even positions from the odd ones: h_2i = exp(a_2i) h_(2i-1) + s_2i.
     The recursion is log2(c) levels deep and each level does vectorised work on half as many
     elements as the one above, so the total work stays O(c), as for the loop, but the number of
     sequential steps is O(log c): on a GPU each level is one kernel over all its elements. Here
@@ -155,11 +155,11 @@ def parallel_linear_scan(s, log_decay):
         h = parallel_linear_scan(F.pad(s, (0, 0, 0, 0, 0, 1)), F.pad(log_decay, (0, 1)))
         return h[..., :c, :, :]
     even, odd = s.unflatten(-3, (c // 2, 2)).unbind(-3)          # s_0, s_2, ...  and  s_1, s_3, ...
-    l_even, l_odd = log_decay.unflatten(-1, (c // 2, 2)).unbind(-1)
-    pairs = odd + torch.exp(l_odd)[..., None, None] * even       # 1. maps 2i, 2i+1 composed
-    h_odd = parallel_linear_scan(pairs, l_even + l_odd)          # 2. h_1, h_3, h_5, ...
+    a_even, a_odd = log_decay.unflatten(-1, (c // 2, 2)).unbind(-1)
+    pairs = odd + torch.exp(a_odd)[..., None, None] * even       # 1. maps 2i, 2i+1 composed
+    h_odd = parallel_linear_scan(pairs, a_even + a_odd)          # 2. h_1, h_3, h_5, ...
     h_prev = F.pad(h_odd, (0, 0, 0, 0, 1, -1))                   #    h_-1 (= 0), h_1, h_3, ...
-    h_even = even + torch.exp(l_even)[..., None, None] * h_prev  # 3. h_0, h_2, h_4, ...
+    h_even = even + torch.exp(a_even)[..., None, None] * h_prev  # 3. h_0, h_2, h_4, ...
     return torch.stack([h_even, h_odd], dim=-3).flatten(-4, -3)  # interleave: h_0, h_1, h_2, ...
 
 
