@@ -583,14 +583,14 @@ def to_uint8_nhw3(images: torch.Tensor) -> np.ndarray:
 
 
 def save_loss_plot(history: list, path, title: str) -> None:
-    """history: [[step, loss, ...], ...] -> loss-vs-step PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """history: [[step, loss, ...], ...] -> loss-vs-step PNG. Drawn on a bare matplotlib Figure,
+    so it never changes the pyplot backend of a notebook that called train.py."""
+    from matplotlib.figure import Figure
     if not history:
         return
     h = np.array([row[:2] for row in history])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
     ax.plot(h[:, 0], h[:, 1])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -598,7 +598,6 @@ def save_loss_plot(history: list, path, title: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def output_paths(out: str, default_dir: Path, name: str, n_npz: int) -> dict:
