@@ -35,7 +35,7 @@ Paper -> code
   M-VAR (arXiv 2411.10433), experiments: "the hyperparameters of training are the same as VAR"
       ... the imagenet256-d16..d30 presets
   VQVAE training (VAR's tokenizer, VQGAN-style) ............... train_tokenizer (this project
-      uses L1 + L2 + the VQ losses; VAR adds perceptual and GAN losses, which need a GPU)
+      uses L1 + L2 + the VQ losses; VAR adds perceptual and GAN losses: pretrained downloads)
 
 Official code -> this file (VAR's repository: train.py, trainer.py, utils/)
   arg_util.Args -> TrainConfig                      lr_control.lr_wd_annealing -> lr_at, wd_at
