@@ -140,3 +140,14 @@ def test_sample_official_needs_only_the_two_paths(tmp_path):
     res = sample.main(["--official", str(tmp_path / "mvar.pth"), "--vae_ckpt", str(tmp_path / "vae.pth"),
                        "--out", str(tmp_path), "--per_class", "1", "--device", "cpu"])
     assert res["grid"] == tmp_path / "mvar_grid.png" and res["grid"].is_file() and res["images"] == 10
+
+
+def test_scales_are_read_from_lvl_1L_or_asked_for():
+    sd = dict(GOLDEN["var"]["state_dict"])
+    assert "lvl_1L" in sd and official_generator_config(sd).patch_nums == (1, 2, 3, 4)
+    del sd["lvl_1L"]                             # L = 30 is not a released pyramid: ask
+    with pytest.raises(ValueError, match="pass --patch_nums"):
+        official_generator_config(sd)
+    assert official_generator_config(sd, patch_nums=(1, 2, 3, 4)).patch_nums == (1, 2, 3, 4)
+    with pytest.raises(ValueError, match="squares must sum to 30"):
+        official_generator_config(sd, patch_nums=(1, 2, 3))
