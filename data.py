@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runs import save_checkpoint
+from runtime import save_checkpoint
 
 
 # ============================================================================================

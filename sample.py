@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from data import output_paths, save_image_grid, to_uint8_nhw3
-from runs import autocast, load_generator, load_official, resolve_device
+from runtime import autocast, load_generator, load_official, resolve_device
 
 # The sampling setting behind the published FID numbers (VAR and M-VAR: cfg 1.5, top-k 900,
 # top-p 0.96, no gumbel smoothing).

@@ -9,7 +9,7 @@ generator (mvar.py) then predicts scale k's tokens from scales 0..k-1.
     K index maps --embedding, upsample, phi, sum--> f_hat --post_quant_conv--> --decoder--> x'
 
 Every parameter's name follows VAR's code, so VAR's released 256px tokenizer vae_ch160v4096z32.pth
-loads with strict=True into MultiScaleVQVAE(tokenizer_config("var256")) (see runs.py).
+loads with strict=True into MultiScaleVQVAE(tokenizer_config("var256")) (see runtime.py).
 
 Shape letters (one meaning each, across the project):
     B     batch

@@ -24,7 +24,7 @@ The chapter, top to bottom:
   5. stage 2, the generator loop: batch -> teacher input -> logits -> loss -> step
   6. main.
 Datasets, the resumable sampler and pictures live in data.py; torchrun set-up, checkpoint files
-and the command line in runs.py. Neither is needed to understand M-VAR.
+and the command line in runtime.py. Neither is needed to understand M-VAR.
 
 Paper -> code
   VAR (arXiv 2404.02905) "next-scale prediction": p(r_1..r_K) = prod_k p(r_k | r_<k), trained
@@ -40,7 +40,7 @@ Paper -> code
 Official code -> this file (VAR's repository: train.py, trainer.py, utils/)
   arg_util.Args -> TrainConfig                      lr_control.lr_wd_annealing -> lr_at, wd_at
   lr_control.filter_params -> param_groups          VARTrainer.train_step -> the loop body
-  vae.img_to_idxBl at every step -> encode_images, once  dist.initialize -> runs.setup_distributed
+  vae.img_to_idxBl at every step -> encode_images, once  dist.initialize -> runtime.setup_distributed
 
 Shape letters (as in mvar.py and tokenizer.py): B batch (per process), Cimg image channels,
 S image side, K scales, pn side of one scale's token map, L = sum pn^2 tokens of all scales,
@@ -62,7 +62,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runs import (DistInfo, amp_setup, autocast, check_same_run, checkpoint_or_stop, file_digest,
+from runtime import (DistInfo, amp_setup, autocast, check_same_run, checkpoint_or_stop, file_digest,
                   gather_rng, load_checkpoint, load_state_dict_checked, load_tokenizer_state, load_trained_tokenizer,
                   load_var_checkpoint, parse_config_args, restore_rng, save_checkpoint, setup_distributed, wrap_ddp, write_json)
 from data import (ShardedSampler, TokenDataset, cached_tokens, check_labels, load_dataset,
@@ -647,7 +647,7 @@ def main(argv=None) -> dict:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """Command line -> TrainConfig: every field is a flag `--field value` (runs.parse_config_args)."""
+    """Command line -> TrainConfig: every field is a flag `--field value` (runtime.parse_config_args)."""
     return parse_config_args(argv, TrainConfig, PRESETS, make_config, _CHOICES,
                              "Train the M-VAR tokenizer and generator.")
 

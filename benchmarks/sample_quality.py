@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import runs  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
-from runs import resolve_device  # noqa: E402
+from runtime import resolve_device  # noqa: E402
 from sample import sample_images  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def get_classifier(cfg, mode: str, train_x, train_y, num_classes, args, device, 
     path = Path(cache_dir) / f"classifier_{mode}.pt" if cache_dir else None
     in_ch = 1 if mode == "grey" else train_x.shape[1]
     if path and path.exists():
-        ck = runs.load_checkpoint(path, "classifier")
+        ck = runtime.load_checkpoint(path, "classifier")
         if ck["ident"] == ident:
             clf = SmallCNN(in_ch, num_classes, train_x.shape[-1]).to(device)
             clf.load_state_dict(ck["model"])
@@ -134,7 +134,7 @@ def get_classifier(cfg, mode: str, train_x, train_y, num_classes, args, device, 
     clf = train_classifier(to_mode(train_x, mode), train_y, num_classes, args.steps, device, args.seed)
     seconds = time.perf_counter() - t0
     if path:
-        runs.save_checkpoint({"kind": "classifier", "ident": ident,
+        runtime.save_checkpoint({"kind": "classifier", "ident": ident,
                                "model": {k: v.cpu() for k, v in clf.state_dict().items()}}, path)
     return clf, seconds
 
@@ -143,7 +143,7 @@ def data_config(args, ckpts):
     """The train.py config whose data the generators saw (from the first checkpoint), or a
     preset for --dataset when no checkpoint is given."""
     if ckpts:
-        saved = [runs.load_checkpoint(p, "generator")["config"]["train"] for p in ckpts]
+        saved = [runtime.load_checkpoint(p, "generator")["config"]["train"] for p in ckpts]
         data = [{k: s[k] for k in train.DATA_FIELDS} for s in saved]
         if any(d != data[0] for d in data):
             raise ValueError(f"--ckpt and --ckpt2 were trained on different data: {data}")
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
 
     rows = [("real test images", len(test_y), *score(test_x, test_y), None)]
     for i, path in enumerate(ckpts):
-        model, tok, ck = runs.load_generator(path, device)
+        model, tok, ck = runtime.load_generator(path, device)
         if i == 0:
             # The ceiling for any generator on this tokenizer: its reconstructions of the test
             # images (a sample can only be as recognisable as what the tokenizer can draw).
@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
                        for r in rows]}
     if ckpts:
         out = Path(ckpts[0]).parent / "sample_quality.json"
-        runs.write_json(result, out)
+        runtime.write_json(result, out)
         print(f"\nwrote {out}")
     return result
 

@@ -17,7 +17,7 @@ import torch
 
 from mvar import MVAR, MVARConfig
 import sample
-from runs import KNOWN_PYRAMIDS, load_official_checkpoint, official_generator_config, var_tokenizer_config
+from runtime import KNOWN_PYRAMIDS, load_official_checkpoint, official_generator_config, var_tokenizer_config
 from tokenizer import MultiScaleVQVAE, tokenizer_config
 
 GOLDEN = torch.load(Path(__file__).resolve().parent / "reference" / "official_golden.pt", weights_only=True)

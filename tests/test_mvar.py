@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import load_official_checkpoint
+from runtime import load_official_checkpoint
 from mvar import MVAR, MVARConfig, attention_pairs, compute_loss, sample_top_k_top_p, scale_spans
 from tokenizer import MultiScaleVQVAE, TokenizerConfig
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 import sample
 import data
-import runs
+import runtime
 import train
 from mvar import MVAR, MVARConfig
 from tokenizer import MultiScaleVQVAE, tokenizer_config
@@ -45,7 +45,7 @@ def run(tmp_path_factory):
 def reference(run, labels, seed, batch, **settings):
     """What MVAR.generate gives for these labels, batch by batch with one seeded generator,
     as uint8 (N, H, W, C) -- computed without sample.py."""
-    model, tok, ck = runs.load_generator(run / "mvar.pt")
+    model, tok, ck = runtime.load_generator(run / "mvar.pt")
     t = ck["config"]["train"]
     opts = dict(cfg_scale=t["cfg_scale"], top_k=t["top_k"], top_p=t["top_p"])
     opts.update(settings)
@@ -160,9 +160,9 @@ def test_class_out_of_range_names_the_valid_range(run):
 
 
 def test_another_tokenizer_is_refused(run, tmp_path):
-    ck = runs.load_checkpoint(run / "tokenizer.pt", "tokenizer")
+    ck = runtime.load_checkpoint(run / "tokenizer.pt", "tokenizer")
     ck["model"]["quantize.embedding.weight"] += 0.01                    # same shape, other weights
-    runs.save_checkpoint(ck, tmp_path / "other_tokenizer.pt")
+    runtime.save_checkpoint(ck, tmp_path / "other_tokenizer.pt")
     with pytest.raises(ValueError, match="not the tokenizer"):
         sample.main(["--ckpt", str(run / "mvar.pt"), "--tokenizer", str(tmp_path / "other_tokenizer.pt"),
                      "--device", "cpu"])

@@ -19,7 +19,7 @@ from tokenizer import (
     MultiScaleVQVAE, TokenizerConfig, TOKENIZER_PRESETS, code_usage, nearest_code, phi_index, psnr,
     tokenizer_config,
 )
-from runs import load_state_dict_checked, load_tokenizer_state, load_var_checkpoint
+from runtime import load_state_dict_checked, load_tokenizer_state, load_var_checkpoint
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 VAR_KEYS = REFERENCE_DIR / "var_vae_ch160v4096z32_keys.txt"

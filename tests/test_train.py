@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import runs
+import runtime
 import train
 from mvar import MVAR, MVARConfig
 from tokenizer import MultiScaleVQVAE
@@ -172,34 +172,34 @@ def test_param_groups_no_decay_set():
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "run" / "ck.pt"
     good = {"kind": "generator", "step": 1, "model": {"w": torch.arange(5.0)}}
-    runs.save_checkpoint(good, path)
+    runtime.save_checkpoint(good, path)
 
     def dying_save(obj, fh):                  # writes half a file, then the process "dies"
         fh.write(b"PK\x03\x04 partial zip")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        runs.save_checkpoint({"kind": "generator", "step": 2}, path)
+        runtime.save_checkpoint({"kind": "generator", "step": 2}, path)
     monkeypatch.undo()
-    ck = runs.load_checkpoint(path, "generator")
+    ck = runtime.load_checkpoint(path, "generator")
     assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(5.0))
     assert os.listdir(path.parent) == ["ck.pt"]                   # no temp file left behind
 
 
 def test_checkpoint_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        runs.load_checkpoint(tmp_path / "nope.pt", "generator")
+        runtime.load_checkpoint(tmp_path / "nope.pt", "generator")
     path = tmp_path / "ck.pt"
-    runs.save_checkpoint({"kind": "tokenizer", "model": {"w": torch.randn(1000)}}, path)
+    runtime.save_checkpoint({"kind": "tokenizer", "model": {"w": torch.randn(1000)}}, path)
     with pytest.raises(ValueError, match="'tokenizer' checkpoint, expected a 'generator'"):
-        runs.load_checkpoint(path, "generator")
+        runtime.load_checkpoint(path, "generator")
     written = path.read_bytes()
     path.write_bytes(written[:len(written) // 2])                       # truncated
     with pytest.raises(ValueError, match="corrupt, truncated"):
-        runs.load_checkpoint(path, "tokenizer")
+        runtime.load_checkpoint(path, "tokenizer")
     torch.save({"kind": "generator", "path": Path("x")}, path)          # not a plain type
     with pytest.raises(ValueError, match="corrupt"):   # weights_only refuses it
-        runs.load_checkpoint(path, "generator")
+        runtime.load_checkpoint(path, "generator")
 
 
 def test_resume_refuses_other_config_and_arch(full_run, tmp_path):
@@ -208,14 +208,14 @@ def test_resume_refuses_other_config_and_arch(full_run, tmp_path):
     run.mkdir()
     for name in ("tokenizer.pt", "tokens.pt", "mvar.pt"):
         (run / name).write_bytes((out / name).read_bytes())
-    ck = runs.load_checkpoint(run / "mvar.pt", "generator")
+    ck = runtime.load_checkpoint(run / "mvar.pt", "generator")
     ck["done"], ck["step"] = False, 1                             # pretend it was interrupted
-    runs.save_checkpoint(ck, run / "mvar.pt")
+    runtime.save_checkpoint(ck, run / "mvar.pt")
     with pytest.raises(ValueError, match=r"other settings:\n  depth: checkpoint 2 vs now 3"):
         train.main(TINY + ["--out_dir", str(run), "--stage", "generator", "--depth", "3"])
     # a VAR checkpoint where an M-VAR one is expected
     ck["config"]["train"]["arch"] = "var"
-    runs.save_checkpoint(ck, run / "mvar.pt")
+    runtime.save_checkpoint(ck, run / "mvar.pt")
     with pytest.raises(ValueError, match="holds a 'var' generator.*--arch mvar"):
         train.main(TINY + ["--out_dir", str(run), "--stage", "generator"])
     # the generator stage without a finished tokenizer
@@ -232,8 +232,8 @@ def test_full_run_outputs(full_run):
     for name in ("config.json", "tokenizer.pt", "tokenizer_eval.json", "tokenizer_recon.png",
                  "tokens.pt", "mvar.pt", "mvar_eval.json", "mvar_loss.png", "mvar_samples.png"):
         assert (out / name).is_file(), name
-    tok = runs.load_checkpoint(out / "tokenizer.pt", "tokenizer")
-    gen = runs.load_checkpoint(out / "mvar.pt", "generator")
+    tok = runtime.load_checkpoint(out / "tokenizer.pt", "tokenizer")
+    gen = runtime.load_checkpoint(out / "mvar.pt", "generator")
     assert (tok["step"], tok["done"], gen["step"], gen["done"]) == (TOK_STEPS, True, GEN_STEPS, True)
     assert gen["config"]["model"]["arch"] == "mvar" and gen["config"]["model"]["vocab_size"] == 64
     assert gen["config"]["tokenizer"]["patch_nums"] == [1, 2, 3, 4]
@@ -246,7 +246,7 @@ def test_full_run_outputs(full_run):
 def test_losses_fell(full_run):
     out, _ = full_run
     for name, kind in (("tokenizer.pt", "tokenizer"), ("mvar.pt", "generator")):
-        history = runs.load_checkpoint(out / name, kind)["history"]      # [[step, loss, ...]]
+        history = runtime.load_checkpoint(out / name, kind)["history"]      # [[step, loss, ...]]
         assert history[-1][1] < history[0][1], f"{name}: loss did not fall: {history}"
 
 
@@ -272,7 +272,7 @@ def test_generator_step_is_teacher_forcing_plus_one_adamw_step(full_run, tmp_pat
     train.main(TINY + ["--out_dir", str(run), "--stage", "generator", "--stop_after", "1"])
     monkeypatch.undo()
     assert len(calls) == 1
-    call, after = calls[0], runs.load_checkpoint(run / "mvar.pt", "generator")
+    call, after = calls[0], runtime.load_checkpoint(run / "mvar.pt", "generator")
     assert after["step"] == 1
 
     # 1. the ground truth of step 0: the sampler's items, through the cache's training view
@@ -281,7 +281,7 @@ def test_generator_step_is_teacher_forcing_plus_one_adamw_step(full_run, tmp_pat
     epoch, items = data.ShardedSampler(len(cache["train"]["labels"]), cfg.gen_batch, cfg.seed).batch(0)
     batch = [data.TokenDataset(cache["train"], cfg.seed)[(i, epoch)] for i in items]
     idx_BL, labels = torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])
-    tokenizer, _ = runs.load_trained_tokenizer(run / "tokenizer.pt")
+    tokenizer, _ = runtime.load_trained_tokenizer(run / "tokenizer.pt")
     idx_list = data.split_scales(idx_BL, (1, 2, 3, 4))
     assert torch.equal(call["labels"], labels)
     assert torch.equal(call["teacher"], tokenizer.idx_to_teacher_input(idx_list))
@@ -315,15 +315,15 @@ def test_resume_matches_uninterrupted_run(full_run, tmp_path):
     # invocation 1: stage 1 stops after 3 of 4 steps; stage 2 does not start
     r = train.main(TINY + ["--out_dir", run, "--stop_after", "3"])
     assert r["tokenizer"] is None and not Path(run, "mvar.pt").exists()
-    assert runs.load_checkpoint(Path(run) / "tokenizer.pt", "tokenizer")["step"] == 3
+    assert runtime.load_checkpoint(Path(run) / "tokenizer.pt", "tokenizer")["step"] == 3
     # invocation 2: stage 1 finishes (1 step), stage 2 stops after 3 of 6 steps
     r = train.main(TINY + ["--out_dir", run, "--stop_after", "3"])
     assert r["tokenizer"] is not None and r["generator"] is None
-    assert runs.load_checkpoint(Path(run) / "mvar.pt", "generator")["step"] == 3
+    assert runtime.load_checkpoint(Path(run) / "mvar.pt", "generator")["step"] == 3
     # invocation 3: stage 2 finishes
     train.main(TINY + ["--out_dir", run])
     for name, kind in (("tokenizer.pt", "tokenizer"), ("mvar.pt", "generator")):
-        a, b = runs.load_checkpoint(out / name, kind), runs.load_checkpoint(Path(run) / name, kind)
+        a, b = runtime.load_checkpoint(out / name, kind), runtime.load_checkpoint(Path(run) / name, kind)
         for key in ("model", "optimizer", "step", "history"):
             tensors_equal(a[key], b[key], f"{name}:{key}")
 
@@ -331,9 +331,9 @@ def test_resume_matches_uninterrupted_run(full_run, tmp_path):
 def test_token_cache_equals_on_the_fly_encoding(full_run):
     out, result = full_run
     cfg = train.parse_args(TINY + ["--out_dir", str(out)])
-    tokenizer, _ = runs.load_trained_tokenizer(out / "tokenizer.pt")
+    tokenizer, _ = runtime.load_trained_tokenizer(out / "tokenizer.pt")
     cache = torch.load(out / "tokens.pt", weights_only=True)
-    assert cache["identity"]["tokenizer_sha256"] == runs.file_digest(out / "tokenizer.pt")
+    assert cache["identity"]["tokenizer_sha256"] == runtime.file_digest(out / "tokenizer.pt")
     pns = tokenizer.cfg.patch_nums
     for split in ("train", "test"):
         ds = data.load_dataset(cfg, split)
@@ -352,19 +352,19 @@ def test_token_cache_equals_on_the_fly_encoding(full_run):
             assert torch.equal(tokenizer.idx_to_teacher_input(cached_list),
                                tokenizer.idx_to_teacher_input(fresh))
     # an unchanged tokenizer.pt reuses the cache
-    d = runs.DistInfo()
+    d = runtime.DistInfo()
     assert train.token_cache(cfg, d, tokenizer)["identity"] == cache["identity"]
 
 
 def test_token_cache_rebuilt_for_another_tokenizer(tmp_path):
     cfg = train.parse_args(TINY + ["--out_dir", str(tmp_path)])
     tok_cfg = train.tokenizer_config_for(cfg, in_channels=3)
-    d = runs.DistInfo()
+    d = runtime.DistInfo()
     caches = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         tok = MultiScaleVQVAE(tok_cfg).eval()
-        runs.save_checkpoint(train.tokenizer_payload(cfg, tok, None, 0, 0, [], [], True),
+        runtime.save_checkpoint(train.tokenizer_payload(cfg, tok, None, 0, 0, [], [], True),
                               tmp_path / "tokenizer.pt")
         caches.append(train.token_cache(cfg, d, tok))
         again = train.token_cache(cfg, d, tok)              # reused, not re-encoded
@@ -377,7 +377,7 @@ def test_token_cache_rebuilt_for_another_tokenizer(tmp_path):
 
 def test_load_generator_rebuilds_the_trained_model(full_run):
     out, result = full_run
-    model, tokenizer, ck = runs.load_generator(out / "mvar.pt")
+    model, tokenizer, ck = runtime.load_generator(out / "mvar.pt")
     trained = result["generator"]
     for (n, p), (n2, q) in zip(model.state_dict().items(), trained.state_dict().items()):
         assert n == n2 and torch.equal(p, q), n
@@ -397,7 +397,7 @@ def test_other_arch_shares_the_tokenizer_and_cache(full_run, tmp_path):
     r = train.main(TINY + ["--out_dir", str(run), "--arch", "var", "--stage", "generator"])
     assert r["generator"].cfg.arch == "var" and (run / "var.pt").is_file()
     assert (run / "tokens.pt").stat().st_mtime_ns == mtime       # cache reused
-    assert runs.load_generator(run / "var.pt")[2]["config"]["model"]["arch"] == "var"
+    assert runtime.load_generator(run / "var.pt")[2]["config"]["model"]["arch"] == "var"
 
 
 def test_missing_vae_checkpoint_says_where_to_get_it(tmp_path):
@@ -431,12 +431,12 @@ def test_torchrun_two_processes(tmp_path):
         a, b = (torch.load(tmp_path / f"{kind}{r}.pt", weights_only=True) for r in (0, 1))
         tensors_equal(a, b, kind)                                 # replicas stayed identical
     gen0 = torch.load(tmp_path / "gen0.pt", weights_only=True)
-    ck = runs.load_checkpoint(run / "mvar.pt", "generator")
+    ck = runtime.load_checkpoint(run / "mvar.pt", "generator")
     tensors_equal(gen0, ck["model"], "checkpoint")
     assert ck["step"] == GEN_STEPS and len(ck["rng"]) == 2        # one RNG state per rank
     # the sharded token cache equals encoding the whole dataset in one process
     cfg = train.parse_args(TINY + ["--out_dir", str(run)])
-    tokenizer, _ = runs.load_trained_tokenizer(run / "tokenizer.pt")
+    tokenizer, _ = runtime.load_trained_tokenizer(run / "tokenizer.pt")
     ds = data.load_dataset(cfg, "train")
     img = torch.stack([ds[i][0] for i in range(len(ds))])
     cache = torch.load(run / "tokens.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""runs.py -- starting, saving and resuming runs; loading weights. Not needed to understand M-VAR.
+"""runtime.py -- starting, saving and resuming runs; loading weights. Not needed to understand M-VAR.
 
 The plumbing of train.py and sample.py; nothing in this file is part of the method. It holds:
 
