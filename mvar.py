@@ -810,7 +810,7 @@ class MVAR(nn.Module):
         if teacher_input is not None and teacher_input.shape[1:] != want:
             raise ValueError(f"teacher_input must be (B, {want[0]}, {want[1]}) for patch_nums "
                              f"{cfg.patch_nums}, got {tuple(teacher_input.shape)}")
-        tok = tokenizer and (tuple(tokenizer.cfg.patch_nums), tokenizer.cfg.vocab_size, tokenizer.cfg.z_channels)
+        tok = None if tokenizer is None else (tuple(tokenizer.cfg.patch_nums), tokenizer.cfg.vocab_size, tokenizer.cfg.z_channels)
         if tokenizer is not None and tok != (cfg.patch_nums, cfg.vocab_size, cfg.Cvae):
             raise ValueError(f"the tokenizer's (patch_nums, vocab, Cvae) = {tok} does not match the generator's "
                              f"{(cfg.patch_nums, cfg.vocab_size, cfg.Cvae)}: load the tokenizer it was trained with")

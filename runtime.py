@@ -11,7 +11,8 @@ The plumbing of train.py and sample.py; nothing in this file is part of the meth
   * loading state dicts with errors a person can act on (load_state_dict_checked);
   * the models of a train.py run folder (load_trained_tokenizer, load_generator);
   * the officially released weights: VAR's tokenizer (load_var_checkpoint) and the M-VAR / VAR
-    generators (load_official_checkpoint).
+    generators (load_official_checkpoint), with every architecture setting read from the files
+    themselves (official_generator_config, var_tokenizer_config; load_official does both).
 
 Every file is read with torch.load(weights_only=True): a checkpoint holds only tensors and plain
 Python values, so loading one never runs pickled code.
@@ -408,13 +409,14 @@ VAE_URL = "https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v40
 OFFICIAL_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "patch_nums")
 
 
-def load_var_checkpoint(path_or_state_dict, map_location="cpu") -> MultiScaleVQVAE:
+def load_var_checkpoint(path_or_state_dict, map_location="cpu", patch_nums=None) -> MultiScaleVQVAE:
     """VAR's released tokenizer `vae_ch160v4096z32.pth` -> the "var256" MultiScaleVQVAE, loaded
-    strictly, in eval mode with gradients off (it is a frozen tokenizer)."""
+    strictly, in eval mode with gradients off (it is a frozen tokenizer). Given the generator's
+    `patch_nums`, any VAR-format tokenizer file instead, its config read from its shapes."""
     sd = path_or_state_dict
     if not isinstance(sd, dict):
         sd = read_torch_file(sd, "VAR tokenizer", f"Download it (436 MB): wget -O {sd} {VAE_URL}")
-    model = MultiScaleVQVAE(tokenizer_config("var256"))
+    model = MultiScaleVQVAE(tokenizer_config("var256") if patch_nums is None else var_tokenizer_config(sd, patch_nums))
     load_tokenizer_state(model, sd)
     return model.to(map_location).eval().requires_grad_(False)
 
@@ -507,7 +509,4 @@ def load_official(path, vae_ckpt, device="cpu", patch_nums=None, expect: dict | 
         raise ValueError(f"{path} does not match {', '.join(wrong)}: drop the flag, the file says it all")
     model = MVAR(cfg)
     load_official_checkpoint(model, sd)
-    tok_sd = read_torch_file(vae_ckpt, "VAR tokenizer", f"Download it (436 MB): wget -O {vae_ckpt} {VAE_URL}")
-    tok = MultiScaleVQVAE(var_tokenizer_config(tok_sd, cfg.patch_nums))
-    load_tokenizer_state(tok, tok_sd)
-    return model.to(device).eval(), tok.to(device).eval().requires_grad_(False)
+    return model.to(device).eval(), load_var_checkpoint(vae_ckpt, device, cfg.patch_nums)
