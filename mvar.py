@@ -126,7 +126,7 @@ def segsum(a):
     ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
     z = a[..., :, None].expand(*a.shape, Q).masked_fill(~ones.tril(-1), 0)  # a[m] if m > j else 0
     out = z.cumsum(dim=-2)                                                  # sum a[m], j < m <= i
-    return out.masked_fill(~ones.tril(0), float("-inf"))
+    return out.masked_fill_(~ones.tril(0), float("-inf"))           # in place: one (Q, Q) fewer
 
 
 def parallel_linear_scan(s, log_decay):
@@ -189,37 +189,38 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     b, L, H, P, G, N = _check_scan_inputs(x, dt, A, B, C, D, initial_state)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    # A sequence shorter than one chunk is one chunk of its own length: no padding work (the
-    # sampler feeds single scales of 1, 4, 9, ... tokens).
-    Q = min(chunk_size, L)
+    # c chunks of equal length Q <= chunk_size, Q chosen from L so that c * Q - L < c: at most a
+    # few padding tokens (L = 88 with chunk_size 64 is 2 chunks of 44, not 2 of 64 with 40 padding;
+    # a sequence shorter than one chunk, as the sampler's single scales are, is one chunk).
+    c = -(-L // chunk_size)
+    Q = -(-L // c)
     sdtype, cdtype = _state_dtype(x.dtype), x.dtype
 
-    # 0. Pad L up to a multiple of Q with dt = 0: decay exp(0 * A) = 1 and input 0 * x = 0, so the
-    #    padded steps leave the state unchanged; their outputs are cut off at the end. Then lay
+    # 0. Pad L up to c * Q with dt = 0: decay exp(0 * A) = 1 and input 0 * x = 0, so the padded
+    #    steps leave the state unchanged; their outputs are cut off at the end. Then lay
     #    everything out as (batch, group, head in group, chunk, position, channel), so that every
-    #    einsum below is a plain batched matmul over the leading dims.
-    pad = -L % Q
-    c = (L + pad) // Q
+    #    product below is a plain batched matmul over the leading dims.
+    pad = c * Q - L
     xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     a = rearrange(dts.to(sdtype) * A.to(sdtype), "b (c q) (g r) -> b g r c q", q=Q, g=G)
     xdt = rearrange(xs * dts[..., None].to(cdtype),                  # dt_j x_j: step j's input
                     "b (c q) (g r) p -> b g r c q p", q=Q, g=G).contiguous()
-    Bs, Cs = (rearrange(t.to(cdtype), "b (c q) g n -> b g c q n", q=Q) for t in (Bs, Cs))
+    Bs, Cs = (rearrange(t.to(cdtype), "b (c q) g n -> b g 1 c q n", q=Q).contiguous()
+              for t in (Bs, Cs))                                        # (b, G, 1, c, Q, N)
 
     # 1. Inside each chunk: y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) (C_i . B_j) dt_j x_j.
     #    decay[..., i, j] is the decay from step j to step i (0 for j > i: causal); CB[..., i, j]
     #    is C_i . B_j, computed once per group and shared by its r heads. Their product is each
     #    head's (Q, Q) mixing matrix for the chunk, applied to dt x by one batched matmul.
     decay = torch.exp(segsum(a))                                        # (b, G, r, c, Q, Q)
-    CB = torch.einsum("bgcin,bgcjn->bgcij", Cs, Bs)                     # (b, G, c, Q, Q)
-    mix = CB[:, :, None] * decay.to(cdtype)                             # (b, G, r, c, Q, Q)
-    y = torch.einsum("bgrcij,bgrcjp->bgrcip", mix, xdt)                 # (b, G, r, c, Q, P)
+    CB = Cs @ Bs.transpose(-1, -2)                                      # (b, G, 1, c, Q, Q)
+    y = (CB * decay.to(cdtype)) @ xdt                                   # (b, G, r, c, Q, P)
 
     # 2. The state each chunk leaves behind from its own tokens (as if it started at zero):
     #    s = sum_j exp(a_{j+1} + ... + a_{Q-1}) dt_j x_j B_j^T. The decay from step j to the
-    #    chunk's last step is the last row of the decay matrix.
-    to_end = decay[..., -1, :, None].to(cdtype)                         # (b, G, r, c, Q, 1)
-    states = torch.einsum("bgrcjp,bgcjn->bgrcpn", xdt * to_end, Bs)     # (b, G, r, c, P, N)
+    #    chunk's last step is the last row of the decay matrix; it scales B_j.
+    B_to_end = Bs * decay[..., -1, :, None].to(cdtype)                  # (b, G, r, c, Q, N)
+    states = xdt.transpose(-1, -2) @ B_to_end                           # (b, G, r, c, P, N)
 
     # 3. Pass the states from chunk to chunk: h_c = exp(sum of a over chunk c) h_{c-1} + s_c,
     #    the same recurrence again, but over c chunk states instead of L tokens. Element 0 is
@@ -231,10 +232,10 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     log_decay = F.pad(a.sum(dim=-1), (1, 0))                            # (b, G, r, c+1)
     h_in, final_state = parallel_linear_scan(s, log_decay).split([c, 1], dim=3)
 
-    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) h_in C_i
-    #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate).
-    from_start = torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)    # (b, G, r, c, Q, 1)
-    y = y + torch.einsum("bgcin,bgrcpn->bgrcip", Cs, h_in.to(cdtype)) * from_start
+    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) C_i h_in
+    #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate; it scales C_i).
+    C_from_start = Cs * torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)   # (b, G, r, c, Q, N)
+    y = y + C_from_start @ h_in.to(cdtype).transpose(-1, -2)               # (b, G, r, c, Q, P)
 
     # Back to (b, L, H, P), dropping the padding, plus the skip connection D x.
     y = rearrange(y, "b g r c q p -> b (c q) (g r) p")[:, :L]

@@ -124,6 +124,28 @@ def test_parallel_in_pieces_with_carried_state():
     assert rel_err(s2, s_all) < 1e-12
 
 
+@pytest.mark.parametrize("L, chunk, Q", [(88, 64, 44), (65, 64, 33), (680, 64, 62), (130, 32, 26)])
+def test_length_not_a_multiple_of_the_chunk(L, chunk, Q):
+    """L = 88 (the fashion-mnist pyramid) with chunk 64: equal to the loop, and computed as two
+    chunks of 44, not as 128 tokens of which 40 are padding. The matmul FLOPs (counted by torch)
+    are those of chunk_size = Q exactly, and fewer than those of the padded length."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = make_inputs(1, L, 2, 8, 1, 8, seed=L)
+    y_seq, s_seq = ssd_scan_sequential(*args)
+    y_par, s_par = ssd_scan_parallel(*args, chunk_size=chunk)
+    assert rel_err(y_par, y_seq) < 1e-10 and rel_err(s_par, s_seq) < 1e-10
+
+    def flops(length, chunk_size):
+        with FlopCounterMode(display=False) as counter:
+            ssd_scan_parallel(*make_inputs(1, length, 2, 8, 1, 8), chunk_size=chunk_size)
+        return counter.get_total_flops()
+    assert flops(L, chunk) == flops(L, Q)
+    padded = -(-L // chunk) * chunk
+    if padded > L + L // chunk:
+        assert flops(L, chunk) < flops(padded, chunk) * (L + Q) / padded
+
+
 def test_gradients_agree_float64():
     """Gradients of a random function of (y, final state) w.r.t. every input agree."""
     inputs = make_inputs(2, 45, 4, 3, 2, 5, seed=3)

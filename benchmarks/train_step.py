@@ -1,0 +1,139 @@
+"""One generator training step, M-VAR vs VAR, side by side: time, FLOPs, and where the time goes.
+
+For a train.py preset (default: fashion-mnist) this builds the generator both ways (the same
+depth, width, heads, scales and batch as the preset), feeds random tokens through the step
+train.py takes (teacher-forced forward, cross-entropy, backward, grad clip, AdamW), and prints:
+
+  - parameters; FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode (it counts
+    matmuls, convs and attention, so elementwise work is free: the ratio of counted FLOPs is what
+    the two *should* cost if the arithmetic-heavy ops dominated; see step_flops for one fix);
+  - the median wall time of a step, the two models interleaved (one step each, in turn) so that
+    a noisy machine slows both alike;
+  - the M-VAR/VAR ratios of both, and their quotient ("overhead": time ratio / FLOP ratio, 1.0
+    when M-VAR's extra time is all arithmetic);
+  - with --profile, the ten most expensive ops of an M-VAR step.
+
+Mamba's settings can be changed to see what they cost (--d_state, --headdim, --expand,
+--scan_chunk); --compile also times both models under torch.compile.
+
+    python benchmarks/train_step.py --threads 1                       # the fashion-mnist preset
+    python benchmarks/train_step.py --threads 1 --d_state 16 --headdim 32
+    python benchmarks/train_step.py --preset cifar10 --batch 16 --threads 2
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from mvar import MVAR, MVARConfig  # noqa: E402
+
+
+def build(arch: str, args) -> tuple:
+    """The preset's generator (random init) and random inputs of one training batch."""
+    cfg = train.make_config(args.preset, arch=arch)
+    tok_cfg = train.tokenizer_config_for(cfg, in_channels=1)
+    mcfg = train.model_config_for(cfg, tok_cfg, num_classes=10)
+    if arch == "mvar":
+        for name in ("d_state", "headdim", "expand", "scan_chunk"):
+            if getattr(args, name):
+                setattr(mcfg, name, getattr(args, name))
+    torch.manual_seed(0)
+    model = MVAR(MVARConfig.from_dict(mcfg.to_dict()))
+    batch = args.batch or cfg.gen_batch
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (batch,), generator=gen)
+    L, first = mcfg.seq_len, mcfg.patch_nums[0] ** 2
+    teacher = torch.randn(batch, L - first, mcfg.Cvae, generator=gen)
+    targets = torch.randint(0, mcfg.vocab_size, (batch, L), generator=gen)
+    opt = torch.optim.AdamW(train.param_groups(model, cfg.weight_decay), lr=1e-4, betas=(0.9, 0.95))
+    return model.train(), opt, (labels, teacher, targets), cfg.grad_clip
+
+
+def step(model, opt, inputs, grad_clip, net=None):
+    """train.py's step on one batch: forward, cross-entropy, backward, clip, AdamW."""
+    labels, teacher, targets = inputs
+    logits = (net or model)(labels, teacher)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    train.optimizer_step(opt, model, None, grad_clip)
+
+
+def step_flops(model, opt, inputs, grad_clip) -> int:
+    """FLOPs of one step. FlopCounterMode (torch 2.x) counts a grouped convolution's backward as
+    if it were dense: for Mamba's depthwise conv1d (one group per channel) that is conv_dim times
+    too many, more than all the rest of the step. It is counted here as 2x its forward instead."""
+    with FlopCounterMode(display=False) as counter:
+        step(model, opt, inputs, grad_clip)
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    conv_fwd = by_op.get("aten.convolution", 0)
+    return counter.get_total_flops() - by_op.get("aten.convolution_backward", 0) + 2 * conv_fwd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="fashion-mnist", choices=list(train.PRESETS))
+    ap.add_argument("--batch", type=int, default=0, help="0: the preset's gen_batch")
+    ap.add_argument("--d_state", type=int, default=0, help="M-VAR's Mamba d_state (0: default)")
+    ap.add_argument("--headdim", type=int, default=0, help="M-VAR's Mamba headdim (0: default)")
+    ap.add_argument("--expand", type=int, default=0, help="M-VAR's Mamba expand (0: default)")
+    ap.add_argument("--scan_chunk", type=int, default=0, help="the scan's chunk size (0: default)")
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per model (median)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--compile", action="store_true", help="also time both under torch.compile")
+    ap.add_argument("--profile", action="store_true", help="print the top ops of an M-VAR step")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    setups = {arch: build(arch, args) for arch in ("mvar", "var")}
+    m = setups["mvar"][0].cfg
+    print(f"preset {args.preset}: depth {m.depth}, width {m.width}, L = {m.seq_len} tokens, batch "
+          f"{setups['mvar'][2][0].shape[0]}, fp32, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"M-VAR's Mamba: d_state {m.d_state}, headdim {m.headdim}, expand {m.expand}, "
+          f"chunk {m.scan_chunk}\n")
+    flops = {arch: step_flops(*s) for arch, s in setups.items()}
+    variants = [("eager", {arch: None for arch in setups})]
+    if args.compile:
+        variants.append(("compiled", {arch: torch.compile(s[0]) for arch, s in setups.items()}))
+
+    rows = []
+    for label, nets in variants:
+        for arch, (model, opt, inputs, clip) in setups.items():
+            for _ in range(2):                                # warm-up (and compilation)
+                step(model, opt, inputs, clip, nets[arch])
+        times = {arch: [] for arch in setups}
+        for _ in range(args.steps):                           # interleaved: mvar, var, mvar, ...
+            for arch, (model, opt, inputs, clip) in setups.items():
+                t0 = time.perf_counter()
+                step(model, opt, inputs, clip, nets[arch])
+                times[arch].append(time.perf_counter() - t0)
+        rows.append((label, {arch: statistics.median(t) for arch, t in times.items()}))
+
+    params = {arch: sum(p.numel() for p in s[0].parameters()) for arch, s in setups.items()}
+    hdr = f"{'':9} {'params':>8} {'GFLOP/step':>10} {'ms/step':>8}"
+    print(hdr + "".join(f" {label + ' ms':>12}" for label, _ in rows[1:]))
+    for arch in setups:
+        print(f"{arch:9} {params[arch] / 1e6:7.2f}M {flops[arch] / 1e9:10.2f} "
+              f"{rows[0][1][arch] * 1e3:8.0f}" + "".join(f" {r[arch] * 1e3:12.0f}" for _, r in rows[1:]))
+    flop_ratio = flops["mvar"] / flops["var"]
+    print(f"\nM-VAR / VAR: params {params['mvar'] / params['var']:.2f}x, FLOPs {flop_ratio:.2f}x")
+    for label, r in rows:
+        time_ratio = r["mvar"] / r["var"]
+        print(f"  {label:8} step time {time_ratio:.2f}x  -> overhead (time ratio / FLOP ratio) "
+              f"{time_ratio / flop_ratio:.2f}")
+
+    if args.profile:
+        model, opt, inputs, clip = setups["mvar"]
+        with torch.profiler.profile() as prof:
+            step(model, opt, inputs, clip)
+        print("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+if __name__ == "__main__":
+    main()
