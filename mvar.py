@@ -25,8 +25,8 @@ chunk (i receives, j sends).
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
-  Mamba-2 §6, the SSD algorithm: chunked matmuls, and a short      ssd_scan_parallel, segsum,
-    scan that passes states from chunk to chunk                    parallel_linear_scan
+  Mamba-2 §6, the SSD algorithm: chunked matmuls, and a short      ssd_scan_parallel, segsum
+    loop that passes states from chunk to chunk
   Mamba-2 §7, the Mamba-2 layer (projections, conv, gated norm)    Mamba2, GatedRMSNorm
   M-VAR method, intra-scale modeling: bidirectional attention      ScaleAttention, attention_pairs
     restricted to one scale
@@ -129,40 +129,6 @@ def segsum(a):
     return out.masked_fill_(~ones.tril(0), float("-inf"))           # in place: one (Q, Q) fewer
 
 
-def parallel_linear_scan(s, log_decay):
-    """Inclusive scan of h_i = exp(log_decay_i) * h_{i-1} + s_i (h_{-1} = 0) in O(log c) steps.
-
-    s (..., c, P, N), log_decay (..., c)  ->  h (..., c, P, N) with
-    h_i = sum_{j <= i} exp(log_decay_{j+1} + ... + log_decay_i) * s_j.
-
-    This is the parallel-scan idea (work-efficient, as in Blelloch 1990, written recursively).
-    Each element is an affine map  h -> exp(a) * h + s  (a: a log-decay), and two consecutive maps
-    compose into one map of the same kind: first (a1, s1) then (a2, s2) is (a1 + a2, exp(a2) s1 + s2).
-    Because composing is associative, we may group the steps as we like:
-      1. pair up neighbours (0,1), (2,3), ... and compose each pair: c/2 maps, all at once;
-      2. scan those c/2 maps, recursively: that gives h at every odd position 1, 3, 5, ...;
-      3. fill in the even positions from the odd ones: h_2i = exp(a_2i) h_(2i-1) + s_2i.
-    The recursion is log2(c) levels deep and each level does vectorised work on half as many
-    elements as the one above, so the total work stays O(c), as for the loop, but the number of
-    sequential steps is O(log c): on a GPU each level is one kernel over all its elements. Here
-    it only has to pass c = L / Q chunk states on; the matmuls of `ssd_scan_parallel` do the
-    per-token work.
-    """
-    c = s.shape[-3]
-    if c == 1:
-        return s
-    if c % 2 == 1:  # odd: append an identity step (no decay, no input) and drop its output
-        h = parallel_linear_scan(F.pad(s, (0, 0, 0, 0, 0, 1)), F.pad(log_decay, (0, 1)))
-        return h[..., :c, :, :]
-    even, odd = s.unflatten(-3, (c // 2, 2)).unbind(-3)          # s_0, s_2, ...  and  s_1, s_3, ...
-    a_even, a_odd = log_decay.unflatten(-1, (c // 2, 2)).unbind(-1)
-    pairs = odd + torch.exp(a_odd)[..., None, None] * even       # 1. maps 2i, 2i+1 composed
-    h_odd = parallel_linear_scan(pairs, a_even + a_odd)          # 2. h_1, h_3, h_5, ...
-    h_prev = F.pad(h_odd, (0, 0, 0, 0, 1, -1))                   #    h_-1 (= 0), h_1, h_3, ...
-    h_even = even + torch.exp(a_even)[..., None, None] * h_prev  # 3. h_0, h_2, h_4, ...
-    return torch.stack([h_even, h_odd], dim=-3).flatten(-4, -3)  # interleave: h_0, h_1, h_2, ...
-
-
 def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     """The same recurrence as `ssd_scan_sequential` (same arguments and results), computed chunk
     by chunk with matmuls; chunk_size is Q.
@@ -177,7 +143,7 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     write the whole (P, N) state. SSD cuts the sequence into c chunks of Q tokens and uses
       1. the matrix form inside each chunk (one (Q, Q) matmul per chunk and head),
       2. the state at each chunk's end from that chunk's own tokens (one matmul),
-      3. a short scan over the c chunk states to pass them on from chunk to chunk,
+      3. a short loop over the c chunk states to pass them on from chunk to chunk,
       4. the carried-in state's contribution to every token of the chunk (one matmul).
     Steps 1, 2 and 4 are matmuls over all chunks at once; step 3 touches only c states.
     Work is O(L Q P + L P N) per head, and no (b, L, H, P, N) tensor is ever built.
@@ -201,7 +167,7 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     #    everything out as (batch, group, head in group, chunk, position, channel), so that every
     #    product below is a plain batched matmul over the leading dims.
     pad = c * Q - L
-    xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t for t in (x, dt, B, C))
     a = rearrange(dts.to(sdtype) * A.to(sdtype), "b (c q) (g r) -> b g r c q", q=Q, g=G)
     xdt = rearrange(xs * dts[..., None].to(cdtype),                  # dt_j x_j: step j's input
                     "b (c q) (g r) p -> b g r c q p", q=Q, g=G).contiguous()
@@ -222,15 +188,19 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     B_to_end = Bs * decay[..., -1, :, None].to(cdtype)                  # (b, G, r, c, Q, N)
     states = xdt.transpose(-1, -2) @ B_to_end                           # (b, G, r, c, P, N)
 
-    # 3. Pass the states from chunk to chunk: h_c = exp(sum of a over chunk c) h_{c-1} + s_c,
-    #    the same recurrence again, but over c chunk states instead of L tokens. Element 0 is
-    #    the initial state, so after the scan element i is the state entering chunk i and the
-    #    last element is the final state.
-    h0 = (torch.zeros(b, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
-          else rearrange(initial_state.to(sdtype), "b (g r) p n -> b g r p n", g=G))
-    s = torch.cat([h0[:, :, :, None], states.to(sdtype)], dim=3)       # (b, G, r, c+1, P, N)
-    log_decay = F.pad(a.sum(dim=-1), (1, 0))                            # (b, G, r, c+1)
-    h_in, final_state = parallel_linear_scan(s, log_decay).split([c, 1], dim=3)
+    # 3. Pass the states from chunk to chunk: h_i = exp(sum of a over chunk i) h_{i-1} + s_i,
+    #    the same recurrence again, over c chunk states instead of L tokens: a loop of c steps
+    #    (11 for the 256px pyramid). h_in[i] is the state entering chunk i; the last h is the
+    #    final state. (A log-depth version of this loop is in notebooks/01_parallel_scan.ipynb;
+    #    for c this small the loop is faster, benchmarks/RESULTS.md.)
+    h = (torch.zeros(b, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
+         else rearrange(initial_state.to(sdtype), "b (g r) p n -> b g r p n", g=G))
+    chunk_decay = torch.exp(a.sum(dim=-1))[..., None, None]             # (b, G, r, c, 1, 1)
+    h_in = []
+    for s_i, decay_i in zip(states.to(sdtype).unbind(3), chunk_decay.unbind(3)):
+        h_in.append(h)
+        h = decay_i * h + s_i
+    h_in = torch.stack(h_in, dim=3)                                     # (b, G, r, c, P, N)
 
     # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) C_i h_in
     #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate; it scales C_i).
@@ -241,7 +211,7 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     y = rearrange(y, "b g r c q p -> b (c q) (g r) p")[:, :L]
     if D is not None:
         y = y + D.to(cdtype)[:, None] * x
-    return y.to(x.dtype), rearrange(final_state, "b g r 1 p n -> b (g r) p n")
+    return y.to(x.dtype), rearrange(h, "b g r p n -> b (g r) p n")
 
 
 def _check_scan_inputs(x, dt, A, B, C, D, initial_state):

@@ -126,6 +126,9 @@ class TrainConfig:
     depth: int = _f(4, "generator depth (VAR/M-VAR size rule: width 64*depth, heads = depth)")
     width: int = _f(128, "model width C (0 = 64*depth)")
     num_heads: int = _f(4, "attention heads (0 = depth)")
+    d_state: int = _f(64, "M-VAR's Mamba-2: SSM state size N (the released models: 64)")
+    headdim: int = _f(64, "M-VAR's Mamba-2: channels per SSM head P (released: 64)")
+    expand: int = _f(2, "M-VAR's Mamba-2: inner width = expand * width (released: 2)")
     gen_batch: int = _f(64, "generator global batch size (over all processes and accumulation)")
     grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
     base_lr: float = _f(4e-3, "generator lr per 256 images: peak lr = base_lr * gen_batch / 256")
@@ -179,8 +182,8 @@ DATA_FIELDS = ("seed", "dataset", "image_size", "hflip", "subset", "shapes_train
 STAGE1_FIELDS = DATA_FIELDS + ("tok_preset", "tok_ch", "tok_ch_mult", "tok_z_channels", "vocab_size",
                                "patch_nums", "tok_batch", "tok_lr", "tok_epochs", "tok_l1", "tok_l2",
                                "warmup_frac", "end_lr_ratio", "grad_clip")
-STAGE2_FIELDS = DATA_FIELDS + ("arch", "depth", "width", "num_heads", "gen_batch", "base_lr",
-                               "gen_epochs", "warmup_frac", "end_lr_ratio", "weight_decay",
+STAGE2_FIELDS = DATA_FIELDS + ("arch", "depth", "width", "num_heads", "d_state", "headdim", "expand",
+                               "gen_batch", "base_lr", "gen_epochs", "warmup_frac", "end_lr_ratio", "weight_decay",
                                "weight_decay_end", "grad_clip", "alng", "drop_path", "cond_drop")
 RUNTIME_FIELDS = ("preset", "stage", "out_dir", "device", "precision", "compile", "max_minutes",
                   "stop_after", "log_every", "ckpt_every", "image_every", "num_workers", "download",
@@ -461,7 +464,7 @@ def model_config_for(cfg: TrainConfig, tok_cfg, num_classes: int) -> MVARConfig:
     return MVARConfig(arch=cfg.arch, depth=cfg.depth, width=cfg.width, num_heads=cfg.num_heads,
                       num_classes=num_classes, vocab_size=tok_cfg.vocab_size, Cvae=tok_cfg.z_channels,
                       patch_nums=tok_cfg.patch_nums, cond_drop=cfg.cond_drop, drop_path=cfg.drop_path,
-                      alng=cfg.alng)
+                      alng=cfg.alng, d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand)
 
 
 def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, deadline: float = math.inf):

@@ -9,6 +9,17 @@ compare M-VAR with VAR).
 A generator whose samples are classified as well as real images draws every class
 recognisably; the per-class table shows which classes it gets wrong.
 
+Recognisable is not the whole story: samples can all be one prototype per class. With
+--fd_per_class n, the classifier's features (its flattened conv map, before the last layer)
+also give, for n images per class of each row (real test images, their reconstructions, and
+the first checkpoint's samples at each --fd_cfgs guidance), against the features of all real
+training images:
+  - the Frechet distance (FID's formula in this classifier's feature space: lower is closer to
+    the real distribution; it depends on n, so every row uses the same n);
+  - the within-class diversity ratio: the mean distance of a class's features to their class
+    mean, divided by the same for n real test images per class, averaged over classes (1.0:
+    as varied as real images; below 1: samples closer to a prototype).
+
 For RGB data the built-in classes differ in colour *and* shape, so a colour-blind second
 classifier (trained and tested on luminance only) is reported too: it checks the shape.
 Classifier weights are cached in the run folder (classifier_<mode>.pt) and reused while the
@@ -18,6 +29,7 @@ overridden, and a fixed seed.
     python benchmarks/sample_quality.py --ckpt runs/tiny/mvar.pt --ckpt2 runs/tiny/var.pt
     python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --per_class 50 --cfg 2
     python benchmarks/sample_quality.py --dataset fashion-mnist     # classifier only, no generator
+    python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --fd_per_class 200
 
 Cost on a 2-core CPU: each classifier trains for 400 steps of 128 images, about a minute for
 16px shapes and two for 28px Fashion-MNIST; sampling 20 images per class of a small generator
@@ -25,7 +37,7 @@ takes seconds to a minute.
 
 Shape glossary:
     N   images        C  image channels (1 grey, 3 RGB)     H, W  image height, width
-    B   batch         M  number of classes
+    B   batch         M  number of classes       F  classifier feature dimension
 """
 import argparse
 import dataclasses
@@ -93,6 +105,29 @@ def predict(clf: nn.Module, x: torch.Tensor, device, batch: int = 500) -> torch.
     return torch.cat([clf(x[i:i + batch].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch)])
 
 
+@torch.no_grad()
+def features(clf: SmallCNN, x: torch.Tensor, device, batch: int = 500) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] -> the classifier's features (N, F), float64."""
+    clf.eval()
+    return torch.cat([clf.features(x[i:i + batch].to(device)).flatten(1).double().cpu()
+                      for i in range(0, len(x), batch)])
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Between Gaussians fitted to features (N1, F) and (N2, F):
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), square roots by eigh."""
+    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), torch.cov(f1.T), torch.cov(f2.T)
+    ev, vec = torch.linalg.eigh(s1)
+    s1_half = vec @ torch.diag(ev.clamp_min(0).sqrt()) @ vec.T
+    cross = torch.linalg.eigvalsh(s1_half @ s2 @ s1_half).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross).item()
+
+
+def class_spread(f: torch.Tensor, y: torch.Tensor, M: int) -> torch.Tensor:
+    """Features (N, F), labels (N,) -> (M,): each class's mean distance to its own mean."""
+    return torch.stack([(f[y == c] - f[y == c].mean(0)).norm(dim=1).mean() for c in range(M)])
+
+
 def train_classifier(x, y, num_classes: int, steps: int, device, seed: int = 0, batch: int = 128):
     """`steps` Adam steps on random batches, cosine learning rate, light augmentation (random
     2-pixel shifts, so the classifier does not depend on exact positions).
@@ -139,6 +174,53 @@ def get_classifier(cfg, mode: str, train_x, train_y, num_classes, args, device, 
     return clf, seconds
 
 
+@torch.no_grad()
+def reconstruct(tok, x: torch.Tensor, device, batch: int = 200) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] -> the tokenizer's reconstructions, same shape."""
+    return torch.cat([tok.idx_to_img(tok.img_to_idx(x[j:j + batch].to(device))).cpu()
+                      for j in range(0, len(x), batch)])
+
+
+def settings_of(ck: dict, args) -> dict:
+    """Sampling settings: the checkpoint's, unless given on the command line."""
+    t = ck["config"]["train"]
+    return {"cfg": t["cfg_scale"] if args.cfg is None else args.cfg,
+            "top_k": t["top_k"] if args.top_k is None else args.top_k,
+            "top_p": t["top_p"] if args.top_p is None else args.top_p, "more_smooth": False}
+
+
+def spread_table(args, clf, mode, train_x, test_x, test_y, ckpt, M, device) -> list:
+    """The Frechet distance / diversity table of the docstring, printed; returns its rows."""
+    n = args.fd_per_class
+    if n < 2:
+        raise ValueError(f"--fd_per_class must be at least 2 (a spread needs two images), got {n}")
+    pick = torch.cat([torch.nonzero(test_y == c).flatten()[:n] for c in range(M)])
+    if len(pick) < n * M:
+        raise ValueError(f"--fd_per_class {n}: the test split has fewer images than that of some class")
+    labels = test_y[pick]                                   # n of class 0, then n of class 1, ...
+    model, tok, ck = runtime.load_generator(ckpt, device)
+    feats = lambda x: features(clf, to_mode(x, mode), device)
+    rows = [("real test images", feats(test_x[pick])),
+            ("tokenizer reconstructions", feats(reconstruct(tok, test_x[pick], device)))]
+    for scale in args.fd_cfgs:
+        settings = {**settings_of(ck, args), "cfg": scale}
+        images, _, _ = sample_images(model, tok, labels, args.batch, settings, device, seed=args.seed,
+                                     desc=f"sampling cfg {scale:g}")
+        rows.append((f"{model.cfg.arch} samples, cfg {scale:g}", feats(images * 2 - 1)))
+    reference = feats(train_x)
+    real_spread = class_spread(rows[0][1], labels, M)
+    print(f"\nIn the classifier's feature space ({reference.shape[1]} features), n = {n} images per "
+          f"class ({n * M} in all) per row, against all {len(train_x)} real training images:")
+    print(f"{'':38} {'Frechet distance':>17} {'diversity vs real':>18}")
+    out = []
+    for name, f in rows:
+        fd = frechet_distance(f, reference)
+        ratio = (class_spread(f, labels, M) / real_spread).mean().item()
+        print(f"{name:38} {fd:17.2f} {ratio:18.2f}")
+        out.append({"name": name, "images": len(f), "frechet_distance": fd, "diversity_ratio": ratio})
+    return out
+
+
 def data_config(args, ckpts):
     """The train.py config whose data the generators saw (from the first checkpoint), or a
     preset for --dataset when no checkpoint is given."""
@@ -177,6 +259,10 @@ def main(argv=None) -> dict:
     p.add_argument("--train_images", type=int, default=0, help="classifier training images (0 = all)")
     p.add_argument("--steps", type=int, default=400, help="classifier training steps (batch 128)")
     p.add_argument("--batch", type=int, default=50, help="generator batch")
+    p.add_argument("--fd_per_class", type=int, default=0,
+                   help="images per class for the Frechet distance / diversity table (0: skip it)")
+    p.add_argument("--fd_cfgs", type=float, nargs="+", default=[0.0, 1.5, 3.0],
+                   help="guidance scales sampled for that table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no_cache", action="store_true", help="always retrain the classifier")
@@ -213,14 +299,9 @@ def main(argv=None) -> dict:
         if i == 0:
             # The ceiling for any generator on this tokenizer: its reconstructions of the test
             # images (a sample can only be as recognisable as what the tokenizer can draw).
-            with torch.no_grad():
-                recon = torch.cat([tok.idx_to_img(tok.img_to_idx(test_x[j:j + 200].to(device))).cpu()
-                                   for j in range(0, len(test_x), 200)])
+            recon = reconstruct(tok, test_x, device)
             rows.append(("tokenizer reconstructions of test", len(test_y), *score(recon, test_y), None))
-        t = ck["config"]["train"]
-        settings = {"cfg": t["cfg_scale"] if args.cfg is None else args.cfg,
-                    "top_k": t["top_k"] if args.top_k is None else args.top_k,
-                    "top_p": t["top_p"] if args.top_p is None else args.top_p, "more_smooth": False}
+        settings = settings_of(ck, args)
         labels = torch.arange(M).repeat_interleave(args.per_class)
         images, _, secs = sample_images(model, tok, labels, args.batch, settings, device,
                                         seed=args.seed, desc=f"sampling {model.cfg.arch}")
@@ -244,6 +325,9 @@ def main(argv=None) -> dict:
     result = {"dataset": cfg.dataset, "image_size": cfg.image_size, "classifier_train_images": len(train_x),
               "rows": [{"name": r[0], "images": r[1], "accuracy": r[2], "per_class": r[3], "settings": r[4]}
                        for r in rows]}
+    if args.fd_per_class and ckpts:
+        result["spread"] = spread_table(args, clfs[modes[-1]], modes[-1], train_x, test_x, test_y,
+                                        ckpts[0], M, device)
     if ckpts:
         out = Path(ckpts[0]).parent / "sample_quality.json"
         runtime.write_json(result, out)

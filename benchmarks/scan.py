@@ -3,7 +3,8 @@
 Prints, for each sequence length L and each method (loop = ssd_scan_sequential; chunk Q =
 ssd_scan_parallel with chunk_size Q), the median wall time and the peak memory of a forward pass
 (under torch.no_grad, as when sampling) and of a forward + backward pass (as in training), the
-loop / parallel ratios, and a lower bound ("floor") for the parallel scan on this machine.
+loop / parallel ratios, and a lower bound ("floor") for the parallel scan on this machine, with
+how far above it each chunked case is.
 
     python benchmarks/scan.py                 # default: B=8 H=8 P=64 N=64 fp32, L=130,680,2240
     python benchmarks/scan.py --quick         # L=130,680, chunk 64 only, fewer repeats
@@ -148,7 +149,9 @@ def measure_machine(device, threads):
 
 def floors(b, l, h, p, n, q, rate, bw):
     """(fwd, fwd+bwd) lower-bound seconds for the chunked algorithm with chunk q."""
-    lp = -(-l // q) * q                                      # padded length
+    c = -(-l // q)                                           # chunks, as ssd_scan_parallel
+    q = -(-l // c)                                           # cuts them: equal, at most q long
+    lp = c * q                                               # padded length
     flops = 2 * b * lp * q * n + 2 * b * h * lp * q * p + 2 * 2 * b * h * lp * p * n
     io = 4 * (2 * b * l * h * p + b * l * h + 2 * b * l * n)
     return max(flops / rate, io / bw), max(3 * flops / rate, 3 * io / bw)
@@ -191,7 +194,8 @@ def main():
 
     methods = [("loop", 0)] + [(f"chunk {q}", q) for q in args.chunks]
     hdr = (f"{'L':>5} {'method':>9} | {'fwd ms':>8} {'MB':>6} | {'fwd+bwd ms':>10} {'MB':>6} | "
-           f"{'loop/this: fwd':>14} {'f+b time':>8} {'f+b mem':>7} | {'floor ms fwd, f+b':>17}")
+           f"{'loop/this: fwd':>14} {'f+b time':>8} {'f+b mem':>7} | {'floor ms fwd, f+b':>17} | "
+           f"{'this/floor: fwd, f+b':>20}")
     print(hdr)
     print("-" * len(hdr))
     for l in args.lengths:
@@ -230,9 +234,11 @@ def table_row(l, name, q, res, floor):
     f, fb = res[name, "fwd"], res[name, "fwd+bwd"]
     lf, lfb = res["loop", "fwd"], res["loop", "fwd+bwd"]
     fl = "-" if floor is None else f"{floor[0] * 1e3:7.1f}, {floor[1] * 1e3:7.1f}"
+    above = "-" if floor is None else f"{f['median_s'] / floor[0]:.1f}x, {fb['median_s'] / floor[1]:.1f}x"
     return (f"{l:>5} {name:>9} | {ms(f):>8} {mb(f):>6} | {ms(fb):>10} {mb(fb):>6} | "
             f"{ratio(lf, f, 'median_s'):>14} {ratio(lfb, fb, 'median_s'):>8} "
-            f"{ratio(lfb, fb, 'peak_bytes'):>7} | {fl:>17}")
+            f"{ratio(lfb, fb, 'peak_bytes'):>7} | {fl:>17} | {above:>20}")
+
 
 if __name__ == "__main__":
     main()

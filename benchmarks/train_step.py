@@ -13,11 +13,13 @@ train.py takes (teacher-forced forward, cross-entropy, backward, grad clip, Adam
     when M-VAR's extra time is all arithmetic);
   - with --profile, the ten most expensive ops of an M-VAR step.
 
-Mamba's settings can be changed to see what they cost (--d_state, --headdim, --expand,
---scan_chunk); --compile also times both models under torch.compile.
+Mamba's settings can be changed to see what they cost (--d_state, --headdim, --expand, which
+train.py also takes); --compile model mamba also times both models under torch.compile (all of it, or
+only the Mamba layers; the first steps, which compile, are not timed).
 
     python benchmarks/train_step.py --threads 1                       # the fashion-mnist preset
     python benchmarks/train_step.py --threads 1 --d_state 16 --headdim 32
+    python benchmarks/train_step.py --threads 1 --compile model mamba
     python benchmarks/train_step.py --preset cifar10 --batch 16 --threads 2
 """
 import argparse
@@ -32,20 +34,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from mvar import MVAR, MVARConfig  # noqa: E402
+from mvar import MVAR  # noqa: E402
 
 
 def build(arch: str, args) -> tuple:
     """The preset's generator (random init) and random inputs of one training batch."""
-    cfg = train.make_config(args.preset, arch=arch)
+    mamba = {k: getattr(args, k) for k in ("d_state", "headdim", "expand") if getattr(args, k)}
+    cfg = train.make_config(args.preset, arch=arch, **mamba)
     tok_cfg = train.tokenizer_config_for(cfg, in_channels=1)
     mcfg = train.model_config_for(cfg, tok_cfg, num_classes=10)
-    if arch == "mvar":
-        for name in ("d_state", "headdim", "expand", "scan_chunk"):
-            if getattr(args, name):
-                setattr(mcfg, name, getattr(args, name))
     torch.manual_seed(0)
-    model = MVAR(MVARConfig.from_dict(mcfg.to_dict()))
+    model = MVAR(mcfg)
     batch = args.batch or cfg.gen_batch
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (batch,), generator=gen)
@@ -59,7 +58,7 @@ def build(arch: str, args) -> tuple:
 def step(model, opt, inputs, grad_clip, net=None):
     """train.py's step on one batch: forward, cross-entropy, backward, clip, AdamW."""
     labels, teacher, targets = inputs
-    logits = (net or model)(labels, teacher)
+    logits = (model if net is None else net)(labels, teacher)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
     train.optimizer_step(opt, model, None, grad_clip)
@@ -76,17 +75,27 @@ def step_flops(model, opt, inputs, grad_clip) -> int:
     return counter.get_total_flops() - by_op.get("aten.convolution_backward", 0) + 2 * conv_fwd
 
 
+def compiled(model, what: str):
+    """The network a step calls under torch.compile: all of it ("model", as train.py --compile),
+    or the model with only its Mamba layers compiled ("mamba"; VAR has none: it stays eager)."""
+    if what == "model":
+        return torch.compile(model)
+    for block in model.blocks:
+        if block.is_mvar:
+            block.mamba.compile()
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="fashion-mnist", choices=list(train.PRESETS))
     ap.add_argument("--batch", type=int, default=0, help="0: the preset's gen_batch")
-    ap.add_argument("--d_state", type=int, default=0, help="M-VAR's Mamba d_state (0: default)")
-    ap.add_argument("--headdim", type=int, default=0, help="M-VAR's Mamba headdim (0: default)")
-    ap.add_argument("--expand", type=int, default=0, help="M-VAR's Mamba expand (0: default)")
-    ap.add_argument("--scan_chunk", type=int, default=0, help="the scan's chunk size (0: default)")
+    for name in ("d_state", "headdim", "expand"):
+        ap.add_argument(f"--{name}", type=int, default=0, help=f"M-VAR's Mamba {name} (0: the preset's)")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per model (median)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--compile", action="store_true", help="also time both under torch.compile")
+    ap.add_argument("--compile", nargs="*", default=[], choices=["model", "mamba"],
+                    help="also time under torch.compile: of the whole model, of the Mamba layers")
     ap.add_argument("--profile", action="store_true", help="print the top ops of an M-VAR step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,15 +107,18 @@ def main():
     print(f"M-VAR's Mamba: d_state {m.d_state}, headdim {m.headdim}, expand {m.expand}, "
           f"chunk {m.scan_chunk}\n")
     flops = {arch: step_flops(*s) for arch, s in setups.items()}
-    variants = [("eager", {arch: None for arch in setups})]
-    if args.compile:
-        variants.append(("compiled", {arch: torch.compile(s[0]) for arch, s in setups.items()}))
 
     rows = []
-    for label, nets in variants:
+    for label in ["eager"] + args.compile:
+        if label != "eager":                      # fresh models, so each variant starts alike
+            setups = {arch: build(arch, args) for arch in setups}
+        nets = {arch: None if label == "eager" else compiled(s[0], label) for arch, s in setups.items()}
         for arch, (model, opt, inputs, clip) in setups.items():
+            t0 = time.perf_counter()
             for _ in range(2):                                # warm-up (and compilation)
                 step(model, opt, inputs, clip, nets[arch])
+            if label != "eager":
+                print(f"{label}: {arch} warm-up (compiling) took {time.perf_counter() - t0:.0f} s")
         times = {arch: [] for arch in setups}
         for _ in range(args.steps):                           # interleaved: mvar, var, mvar, ...
             for arch, (model, opt, inputs, clip) in setups.items():

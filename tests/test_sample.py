@@ -269,6 +269,53 @@ def test_sample_quality_benchmark_runs_and_caches_its_classifier(run):
         assert all(0 <= a <= 1 for a in r["accuracy"].values()) and len(r["per_class"]["grey"]) == NUM_CLASSES
 
 
+def test_sample_quality_spread_table(run):
+    """--fd_per_class: one row per source, each with the same n, real images at ratio 1 (on
+    random stand-in images: 2 per class, as the tiny run's test split has only 1)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import argparse
+    import sample_quality
+    gen = torch.Generator().manual_seed(0)
+    test_x = torch.rand(3 * NUM_CLASSES, 3, S, S, generator=gen) * 2 - 1
+    test_y = torch.arange(3 * NUM_CLASSES) % NUM_CLASSES
+    clf = sample_quality.SmallCNN(1, NUM_CLASSES, S)
+    args = argparse.Namespace(fd_per_class=2, fd_cfgs=[0.0, 2.0], batch=8, seed=0, cfg=None, top_k=None,
+                              top_p=None)
+    rows = sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, run / "mvar.pt",
+                                       NUM_CLASSES, torch.device("cpu"))
+    assert [r["name"] for r in rows] == ["real test images", "tokenizer reconstructions",
+                                         "mvar samples, cfg 0", "mvar samples, cfg 2"]
+    assert all(r["images"] == 2 * NUM_CLASSES for r in rows)
+    assert rows[0]["diversity_ratio"] == pytest.approx(1.0)
+    assert rows[1]["frechet_distance"] > 0
+    args.fd_per_class = 1
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, run / "mvar.pt",
+                                    NUM_CLASSES, torch.device("cpu"))
+
+
+def test_frechet_distance_and_class_spread():
+    """Against independent formulas: tr((S1^1/2 S2 S1^1/2)^1/2) is the sum of the square roots
+    of the eigenvalues of S1 S2 (same spectrum); spreads from an explicit loop."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sample_quality
+    gen = torch.Generator().manual_seed(0)
+    f1 = torch.randn(300, 6, generator=gen, dtype=torch.float64)
+    f2 = torch.randn(200, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen,
+                                                                              dtype=torch.float64) + 0.5
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    cross = torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()
+    want = (f1.mean(0) - f2.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * cross
+    assert sample_quality.frechet_distance(f1, f2) == pytest.approx(want.item(), rel=1e-9)
+    assert sample_quality.frechet_distance(f1, f1) == pytest.approx(0.0, abs=1e-9)
+    y = torch.arange(300) % 3
+    spread = sample_quality.class_spread(f1, y, 3)
+    for c in range(3):
+        rows = [f1[i] for i in range(300) if y[i] == c]
+        mean = sum(rows) / len(rows)
+        assert spread[c].item() == pytest.approx(sum((r - mean).norm() for r in rows).item() / len(rows))
+
+
 def test_sample_quality_classifier_sizes():
     # The pools round up, so any even side works (28 px Fashion-MNIST: 14 -> 7 -> 4); a wrong
     # size of the final linear layer would raise in the forward pass.
