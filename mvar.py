@@ -20,8 +20,8 @@ except L, which stays L there so as not to read as l):
   G    groups of SSM heads sharing the SSM's B and C (r = H / G heads per group)
   Q    chunk length of the parallel scan     c     chunk index / number of chunks
 L is also the length of any sequence given to a scan or a Mamba layer. B and C also name the SSM's
-input and output matrices, as in the papers. The scan's einsum strings add i, j: positions in a
-chunk (i receives, j sends).
+input and output matrices, as in the papers. The scan's comments add i, j: positions in a chunk
+(i receives, j sends), and m: a chunk, in the chunk-to-chunk step.
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
@@ -75,7 +75,8 @@ from einops import rearrange, repeat
 # `ssd_scan_sequential` is this recurrence written as a loop: the reference, and the one-step
 # update used while sampling. `ssd_scan_parallel` computes exactly the same thing with a few
 # large matmuls (the "SSD" chunked algorithm of Mamba-2 §6), which is what makes training fast
-# on any device: it uses only cumsum / exp / einsum / masks, no custom kernel.
+# on any device: it uses only cumsum / exp / masks / batched matmuls and a short loop over chunks,
+# no custom kernel.
 # Inside the scan functions the batch is `b`, because B and C name the SSM's matrices there.
 
 
@@ -126,12 +127,13 @@ def segsum(a):
     ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
     z = a[..., :, None].expand(*a.shape, Q).masked_fill(~ones.tril(-1), 0)  # a[m] if m > j else 0
     out = z.cumsum(dim=-2)                                                  # sum a[m], j < m <= i
-    return out.masked_fill_(~ones.tril(0), float("-inf"))           # in place: one (Q, Q) fewer
+    return out.masked_fill_(~ones.tril(0), float("-inf"))     # in place: one (..., Q, Q) fewer
 
 
 def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     """The same recurrence as `ssd_scan_sequential` (same arguments and results), computed chunk
-    by chunk with matmuls; chunk_size is Q.
+    by chunk with matmuls; chunk_size caps the chunk length Q (below: Q = ceil(L / c) for the
+    c = ceil(L / chunk_size) chunks, so that there is almost no padding).
 
     Unroll the recurrence: with a_t = dt_t * A (the log of step t's decay, <= 0),
 
@@ -146,7 +148,8 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
       3. a short loop over the c chunk states to pass them on from chunk to chunk,
       4. the carried-in state's contribution to every token of the chunk (one matmul).
     Steps 1, 2 and 4 are matmuls over all chunks at once; step 3 touches only c states.
-    Work is O(L Q P + L P N) per head, and no (b, L, H, P, N) tensor is ever built.
+    Work is O(L Q P + L P N) per head plus O(L Q N) per group (C B^T), and no (b, L, H, P, N)
+    tensor is ever built.
 
     dtypes: the decays (cumsum, segment sums, exp) are computed in float32 (float64 for float64
     inputs) whatever the input dtype; the matmuls run in x's dtype (so bf16 uses bf16 matmuls);
@@ -188,11 +191,11 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     B_to_end = Bs * decay[..., -1, :, None].to(cdtype)                  # (b, G, r, c, Q, N)
     states = xdt.transpose(-1, -2) @ B_to_end                           # (b, G, r, c, P, N)
 
-    # 3. Pass the states from chunk to chunk: h_i = exp(sum of a over chunk i) h_{i-1} + s_i,
+    # 3. Pass the states from chunk to chunk: h_m = exp(sum of a over chunk m) h_{m-1} + s_m,
     #    the same recurrence again, over c chunk states instead of L tokens: a loop of c steps
-    #    (11 for the 256px pyramid). h_in[i] is the state entering chunk i; the last h is the
-    #    final state. (A log-depth version of this loop is in notebooks/01_parallel_scan.ipynb;
-    #    for c this small the loop is faster, benchmarks/RESULTS.md.)
+    #    (11 for the 256px pyramid). h_in[m] is the state entering chunk m; the last h is the
+    #    final state. (notebooks/01_parallel_scan.ipynb does this loop in log depth; for so few
+    #    chunks the loop is faster here: benchmarks/RESULTS.md, "The parallel scan".)
     h = (torch.zeros(b, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
          else rearrange(initial_state.to(sdtype), "b (g r) p n -> b g r p n", g=G))
     chunk_decay = torch.exp(a.sum(dim=-1))[..., None, None]             # (b, G, r, c, 1, 1)
@@ -202,7 +205,7 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
         h = decay_i * h + s_i
     h_in = torch.stack(h_in, dim=3)                                     # (b, G, r, c, P, N)
 
-    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) C_i h_in
+    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) h_in @ C_i
     #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate; it scales C_i).
     C_from_start = Cs * torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)   # (b, G, r, c, Q, N)
     y = y + C_from_start @ h_in.to(cdtype).transpose(-1, -2)               # (b, G, r, c, Q, P)

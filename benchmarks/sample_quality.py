@@ -10,10 +10,10 @@ A generator whose samples are classified as well as real images draws every clas
 recognisably; the per-class table shows which classes it gets wrong.
 
 Recognisable is not the whole story: samples can all be one prototype per class. With
---fd_per_class n, the classifier's features (its flattened conv map, before the last layer)
-also give, for n images per class of each row (real test images, their reconstructions, and
-the first checkpoint's samples at each --fd_cfgs guidance), against the features of all real
-training images:
+--fd_per_class n, the classifier's features (its flattened conv map, before the last layer; for
+RGB data the grey, shape-only classifier's) also give, for n images per class of each row (real
+test images, their reconstructions, and the first checkpoint's samples at each --fd_cfgs
+guidance), against the features of the real training images (all, or --train_images of them):
   - the Frechet distance (FID's formula in this classifier's feature space: lower is closer to
     the real distribution; it depends on n, so every row uses the same n);
   - the within-class diversity ratio: the mean distance of a class's features to their class
@@ -189,8 +189,9 @@ def settings_of(ck: dict, args) -> dict:
             "top_p": t["top_p"] if args.top_p is None else args.top_p, "more_smooth": False}
 
 
-def spread_table(args, clf, mode, train_x, test_x, test_y, ckpt, M, device) -> list:
-    """The Frechet distance / diversity table of the docstring, printed; returns its rows."""
+def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, device) -> list:
+    """The Frechet distance / diversity table of the docstring for a loaded generator (model,
+    tokenizer, checkpoint dict), printed; returns its rows."""
     n = args.fd_per_class
     if n < 2:
         raise ValueError(f"--fd_per_class must be at least 2 (a spread needs two images), got {n}")
@@ -198,7 +199,6 @@ def spread_table(args, clf, mode, train_x, test_x, test_y, ckpt, M, device) -> l
     if len(pick) < n * M:
         raise ValueError(f"--fd_per_class {n}: the test split has fewer images than that of some class")
     labels = test_y[pick]                                   # n of class 0, then n of class 1, ...
-    model, tok, ck = runtime.load_generator(ckpt, device)
     feats = lambda x: features(clf, to_mode(x, mode), device)
     rows = [("real test images", feats(test_x[pick])),
             ("tokenizer reconstructions", feats(reconstruct(tok, test_x[pick], device)))]
@@ -210,7 +210,10 @@ def spread_table(args, clf, mode, train_x, test_x, test_y, ckpt, M, device) -> l
     reference = feats(train_x)
     real_spread = class_spread(rows[0][1], labels, M)
     print(f"\nIn the classifier's feature space ({reference.shape[1]} features), n = {n} images per "
-          f"class ({n * M} in all) per row, against all {len(train_x)} real training images:")
+          f"class ({n * M} in all) per row, against {len(train_x)} real training images:")
+    if n * M <= reference.shape[1]:
+        print(f"  (n * classes = {n * M} <= {reference.shape[1]} features: the covariances are "
+              f"singular and the distances unstable; use --fd_per_class > {reference.shape[1] // M})")
     print(f"{'':38} {'Frechet distance':>17} {'diversity vs real':>18}")
     out = []
     for name, f in rows:
@@ -297,6 +300,7 @@ def main(argv=None) -> dict:
     for i, path in enumerate(ckpts):
         model, tok, ck = runtime.load_generator(path, device)
         if i == 0:
+            first = model, tok, ck
             # The ceiling for any generator on this tokenizer: its reconstructions of the test
             # images (a sample can only be as recognisable as what the tokenizer can draw).
             recon = reconstruct(tok, test_x, device)
@@ -327,7 +331,7 @@ def main(argv=None) -> dict:
                        for r in rows]}
     if args.fd_per_class and ckpts:
         result["spread"] = spread_table(args, clfs[modes[-1]], modes[-1], train_x, test_x, test_y,
-                                        ckpts[0], M, device)
+                                        *first, M, device)
     if ckpts:
         out = Path(ckpts[0]).parent / "sample_quality.json"
         runtime.write_json(result, out)

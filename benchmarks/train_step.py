@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
 import train  # noqa: E402
 from mvar import MVAR  # noqa: E402
 
@@ -41,13 +42,14 @@ def build(arch: str, args) -> tuple:
     """The preset's generator (random init) and random inputs of one training batch."""
     mamba = {k: getattr(args, k) for k in ("d_state", "headdim", "expand") if getattr(args, k)}
     cfg = train.make_config(args.preset, arch=arch, **mamba)
-    tok_cfg = train.tokenizer_config_for(cfg, in_channels=1)
-    mcfg = train.model_config_for(cfg, tok_cfg, num_classes=10)
+    tok_cfg = train.tokenizer_config_for(cfg, in_channels=3)     # the generator is the same for 1
+    num_classes = {"shapes": len(data.SHAPE_CLASSES), "folder": 1000}.get(cfg.dataset, 10)
+    mcfg = train.model_config_for(cfg, tok_cfg, num_classes)
     torch.manual_seed(0)
     model = MVAR(mcfg)
     batch = args.batch or cfg.gen_batch
     gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (batch,), generator=gen)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
     L, first = mcfg.seq_len, mcfg.patch_nums[0] ** 2
     teacher = torch.randn(batch, L - first, mcfg.Cvae, generator=gen)
     targets = torch.randint(0, mcfg.vocab_size, (batch, L), generator=gen)
@@ -65,9 +67,10 @@ def step(model, opt, inputs, grad_clip, net=None):
 
 
 def step_flops(model, opt, inputs, grad_clip) -> int:
-    """FLOPs of one step. FlopCounterMode (torch 2.x) counts a grouped convolution's backward as
-    if it were dense: for Mamba's depthwise conv1d (one group per channel) that is conv_dim times
-    too many, more than all the rest of the step. It is counted here as 2x its forward instead."""
+    """FLOPs of one step. FlopCounterMode (torch 2.x) counts a grouped convolution's weight
+    gradient as if the convolution were dense: for Mamba's depthwise conv1d (one group per
+    channel) that is conv_dim times too many, more than all the rest of the step. The conv's
+    backward is counted here as 2x its forward instead."""
     with FlopCounterMode(display=False) as counter:
         step(model, opt, inputs, grad_clip)
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}

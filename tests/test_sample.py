@@ -281,7 +281,8 @@ def test_sample_quality_spread_table(run):
     clf = sample_quality.SmallCNN(1, NUM_CLASSES, S)
     args = argparse.Namespace(fd_per_class=2, fd_cfgs=[0.0, 2.0], batch=8, seed=0, cfg=None, top_k=None,
                               top_p=None)
-    rows = sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, run / "mvar.pt",
+    loaded = runtime.load_generator(run / "mvar.pt", torch.device("cpu"))
+    rows = sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, *loaded,
                                        NUM_CLASSES, torch.device("cpu"))
     assert [r["name"] for r in rows] == ["real test images", "tokenizer reconstructions",
                                          "mvar samples, cfg 0", "mvar samples, cfg 2"]
@@ -290,7 +291,7 @@ def test_sample_quality_spread_table(run):
     assert rows[1]["frechet_distance"] > 0
     args.fd_per_class = 1
     with pytest.raises(ValueError, match="at least 2"):
-        sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, run / "mvar.pt",
+        sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, *loaded,
                                     NUM_CLASSES, torch.device("cpu"))
 
 
