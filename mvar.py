@@ -194,8 +194,8 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     # 3. Pass the states from chunk to chunk: h_m = exp(sum of a over chunk m) h_{m-1} + s_m,
     #    the same recurrence again, over c chunk states instead of L tokens: a loop of c steps
     #    (11 for the 256px pyramid). h_in[m] is the state entering chunk m; the last h is the
-    #    final state. (notebooks/01_parallel_scan.ipynb does this loop in log depth; for so few
-    #    chunks the loop is faster here: benchmarks/RESULTS.md, "The parallel scan".)
+    #    final state. (notebooks/01_parallel_scan.ipynb does this loop in log depth, and times
+    #    both: for so few chunks the loop is faster on a CPU.)
     h = (torch.zeros(b, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
          else rearrange(initial_state.to(sdtype), "b (g r) p n -> b g r p n", g=G))
     chunk_decay = torch.exp(a.sum(dim=-1))[..., None, None]             # (b, G, r, c, 1, 1)
