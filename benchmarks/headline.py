@@ -8,8 +8,9 @@ Per setting, side by side in one run, every case in its own fresh Python process
   params, attention query-key pairs per layer (M-VAR attends inside each scale, VAR over all
   coarser scales too), the time to sample the token maps (`MVAR.sample_tokens`: every scale, CFG
   1.5 so the network sees 2x the rows, top-k 900, top-p 0.96, the tokenizer's decoder not
-  included), and the peak memory the sampling run added on top of the weights (measured as in
-  benchmarks/scan.py: peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA).
+  included), the fp32 weights' size, and the peak memory the sampling run added on top of them
+  (measured as in benchmarks/scan.py: peak RSS on the CPU, torch.cuda.max_memory_allocated on
+  CUDA). Their sum is about what the machine needs.
 
 Settings (the full run; each pair's time ratio and whether "fewer params and faster" holds):
   256px pyramid (L = 680):   M-VAR-d24 vs VAR-d30,  M-VAR-d16 vs VAR-d16,  batch 1 and batch 16
@@ -17,6 +18,7 @@ Settings (the full run; each pair's time ratio and whether "fewer params and fas
 
     python benchmarks/headline.py --quick           # d16 vs d16, 256px, batch 1: under 2 minutes
     python benchmarks/headline.py --threads 2       # the full table: about 30-40 min on 2 CPU cores
+    python benchmarks/headline.py --settings 256px:16:16 --batches 16     # one pair, one batch size
     python benchmarks/headline.py --device cuda
 
 The d30 model alone holds 8 GB of fp32 weights; the full table needs ~16 GB of free memory.
@@ -91,6 +93,8 @@ def run_case(case: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only d16 vs d16 at 256px, batch 1")
+    ap.add_argument("--settings", nargs="+", default=[":".join(map(str, s)) for s in FULL],
+                    help="pairs to run, as PYRAMID:MVAR_DEPTH:VAR_DEPTH")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="images per batch")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per case (median)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -100,12 +104,14 @@ def main():
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return
-    settings, batches = (QUICK, [1]) if args.quick else (FULL, args.batches)
+    settings = [(p, int(dm), int(dv)) for p, dm, dv in (s.split(":") for s in args.settings)]
+    settings, batches = (QUICK, [1]) if args.quick else (settings, args.batches)
 
     print(f"RANDOM WEIGHTS (speed and memory only). torch {torch.__version__}, device {args.device}, "
           f"{args.threads} thread(s), fp32, CFG 1.5, top-k 900, top-p 0.96, median of {args.repeats}")
-    hdr = (f"{'pyramid':7} {'batch':>5} {'model':10} {'params':>7} {'attn pairs':>11} "
-           f"{'time s':>8} {'peak GB':>8} | {'M-VAR/VAR: params':>17} {'time':>5} {'memory':>6}  holds?")
+    hdr = (f"{'pyramid':7} {'batch':>5} {'model':10} {'params':>7} {'attn pairs':>11} {'time s':>8} "
+           f"{'weights GB':>10} {'+ sampling GB':>13} | {'M-VAR/VAR: params':>17} {'time':>5} "
+           f"{'weights + sampling':>18}  holds?")
     print(hdr + "\n" + "-" * len(hdr))
     for pyramid, d_mvar, d_var in settings:
         for batch in batches:
@@ -120,11 +126,12 @@ def main():
                 res[arch] = r = json.loads(out.stdout.strip().splitlines()[-1])
                 name = f"{'M-VAR' if arch == 'mvar' else 'VAR'}-d{depth}"
                 print(f"{pyramid:7} {batch:5d} {name:10} {r['params'] / 1e9:6.2f}B {r['pairs']:11,d} "
-                      f"{r['seconds']:8.2f} {r['peak_gb']:8.2f} |", end="" if arch == "var" else "\n",
-                      flush=True)
+                      f"{r['seconds']:8.2f} {r['params'] * 4 / 2**30:10.2f} {r['peak_gb']:13.2f} |",
+                      end="" if arch == "var" else "\n", flush=True)
             m, v = res["mvar"], res["var"]
-            memory = (f"{m['peak_gb'] / v['peak_gb']:6.2f}" if m["peak_gb"] > 0 and v["peak_gb"] > 0
-                      else f"{'-':>6}")                     # unmeasured (nan) or nothing added
+            total = {a: r["params"] * 4 / 2**30 + r["peak_gb"] for a, r in res.items()}
+            measured = all(t == t for t in total.values())    # nan: the peak was not measurable
+            memory = f"{total['mvar'] / total['var']:18.2f}" if measured else f"{'-':>18}"
             fewer, faster = m["params"] < v["params"], m["seconds"] < v["seconds"]
             print(f" {m['params'] / v['params']:17.2f} {m['seconds'] / v['seconds']:5.2f} {memory}  "
                   f"{'yes' if fewer and faster else 'no'}", flush=True)
