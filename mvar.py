@@ -170,7 +170,8 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     #    everything out as (batch, group, head in group, chunk, position, channel), so that every
     #    product below is a plain batched matmul over the leading dims.
     pad = c * Q - L
-    xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t for t in (x, dt, B, C))
+    xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+                       for t in (x, dt, B, C))                   # pad the length dim (dim 1)
     a = rearrange(dts.to(sdtype) * A.to(sdtype), "b (c q) (g r) -> b g r c q", q=Q, g=G)
     xdt = rearrange(xs * dts[..., None].to(cdtype),                  # dt_j x_j: step j's input
                     "b (c q) (g r) p -> b g r c q p", q=Q, g=G).contiguous()
