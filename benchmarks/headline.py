@@ -17,7 +17,7 @@ Settings (the full run; each pair's time ratio and whether "fewer params and fas
   512px pyramid (L = 2,240): M-VAR-d16 vs VAR-d16,                          batch 1 and batch 16
 
     python benchmarks/headline.py --quick           # d16 vs d16, 256px, batch 1: under 2 minutes
-    python benchmarks/headline.py --threads 2       # the full table: about 30-40 min on 2 CPU cores
+    python benchmarks/headline.py --threads 2       # the full table: about an hour on 2 CPU cores
     python benchmarks/headline.py --settings 256px:16:16 --batches 16     # one pair, one batch size
     python benchmarks/headline.py --device cuda
 
@@ -26,6 +26,7 @@ Time is one sampling run after a one-image warm-up (--repeats for the median of 
 """
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -104,8 +105,16 @@ def main():
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return
-    settings = [(p, int(dm), int(dv)) for p, dm, dv in (s.split(":") for s in args.settings)]
-    settings, batches = (QUICK, [1]) if args.quick else (settings, args.batches)
+    if args.quick:
+        settings, batches = QUICK, [1]
+    else:
+        try:
+            settings = [(p, int(dm), int(dv)) for p, dm, dv in (s.split(":") for s in args.settings)]
+        except ValueError:
+            ap.error(f"--settings takes PYRAMID:MVAR_DEPTH:VAR_DEPTH, e.g. 256px:24:30; got {args.settings}")
+        if any(p not in PYRAMIDS for p, _, _ in settings):
+            ap.error(f"--settings: the pyramid must be one of {', '.join(PYRAMIDS)}")
+        batches = args.batches
 
     print(f"RANDOM WEIGHTS (speed and memory only). torch {torch.__version__}, device {args.device}, "
           f"{args.threads} thread(s), fp32, CFG 1.5, top-k 900, top-p 0.96, median of {args.repeats}")
@@ -130,7 +139,7 @@ def main():
                       end="" if arch == "var" else "\n", flush=True)
             m, v = res["mvar"], res["var"]
             total = {a: r["params"] * 4 / 2**30 + r["peak_gb"] for a, r in res.items()}
-            measured = all(t == t for t in total.values())    # nan: the peak was not measurable
+            measured = not any(math.isnan(t) for t in total.values())  # nan: peak not measurable
             memory = f"{total['mvar'] / total['var']:18.2f}" if measured else f"{'-':>18}"
             fewer, faster = m["params"] < v["params"], m["seconds"] < v["seconds"]
             print(f" {m['params'] / v['params']:17.2f} {m['seconds'] / v['seconds']:5.2f} {memory}  "
