@@ -41,7 +41,7 @@ Map 2, the official code's names to this file's (state-dict keys are the officia
   SelfAttention                                     ScaleAttention
   Mamba2, RMSNormGated (mamba_ssm)                  Mamba2, GatedRMSNorm
   mamba_chunk_scan_combined (mamba_ssm kernel)      ssd_scan_parallel
-  ssd_minimal_discrete, segsum (Mamba-2 listing)    ssd_scan_parallel, segsum
+  ssd_minimal_discrete, segsum_unstable (listing)   ssd_scan_parallel, segsum
   selective_state_update (one decoding step)        ssd_scan_sequential with L = 1
   autoregressive_infer_cfg                          MVAR.sample_tokens
   init_weights                                      MVAR._init_weights
@@ -118,16 +118,22 @@ def segsum(a):
     (so 0 on the diagonal) and -inf for j > i.
 
     exp(out) is then the decay from step j to step i of the recurrence, with exact zeros above the
-    diagonal. It is built as a cumsum of a masked copy, not as cumsum[i] - cumsum[j]: that
-    difference of two large numbers loses precision, and exp(cumsum[i]) * exp(-cumsum[j])
-    overflows to inf * 0 = nan under strong decay. -inf is put in *before* exp, so exp gives 0 and
-    its gradient there is 0 too.
+    diagonal. The sums are differences of running sums, cumsum[i] - cumsum[j]. Above the diagonal
+    they are >= 0, and large under strong decay, so -inf goes in *before* exp: exp gives exactly
+    0 there and so does its gradient (exp first and a mask after would give inf * 0 = nan).
+
+    Precision: each running sum is rounded to float32, an error that grows with its size (about
+    1e-4 near -2000), and subtracting two nearby sums leaves that error in a small segment sum.
+    So the sums must stay short. ssd_scan_parallel calls this once on all chunks, a of shape
+    (..., c, Q): the running sums run along the last dim only, so they restart at every chunk and
+    never cover more than Q <= chunk_size steps. (mamba_ssm's ssd_minimal.py, the Mamba-2 paper's
+    listing, has both this "segsum_unstable" and a "more stable" segsum that cumsums a masked
+    (Q, Q) copy; that one costs about twice the time on a CPU, benchmarks/RESULTS.md.)
     """
     Q = a.shape[-1]
     ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
-    z = a[..., :, None].expand(*a.shape, Q).masked_fill(~ones.tril(-1), 0)  # a[m] if m > j else 0
-    out = z.cumsum(dim=-2)                                                  # sum a[m], j < m <= i
-    return out.masked_fill_(~ones.tril(0), float("-inf"))     # in place: one (..., Q, Q) fewer
+    cs = a.cumsum(dim=-1)                                               # a[0] + ... + a[i]
+    return (cs[..., :, None] - cs[..., None, :]).masked_fill_(~ones.tril(), float("-inf"))
 
 
 def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):

@@ -100,18 +100,36 @@ def test_parallel_matches_sequential_float32(chunk):
     assert rel_err(s_par.double(), s_ref) < 1e-5
 
 
-def test_parallel_is_exact_under_strong_decay():
-    """dt * A down to about -60 per step: sums of decays reach ~-4000 in a chunk, so a decay matrix
-    built as exp(cumsum_i) * exp(-cumsum_j) (or exp of their difference in float32) would give
-    inf * 0 = nan or lose all precision. The segment-sum form must stay exact, gradients finite."""
+def test_parallel_is_accurate_under_strong_decay():
+    """dt * A down to about -67 per step: the running sums reach thousands in a chunk, so a decay
+    matrix built as exp(cumsum_i) * exp(-cumsum_j), or masked only after exp, would give
+    inf * 0 = nan (the latter in the gradients of dt and A). segsum's -inf before exp must keep
+    the result accurate and every gradient finite."""
     x, dt, A, B, C, D, h0 = make_inputs(1, 200, 2, 4, 1, 4, dtype=torch.float32, dt_scale=4.0)
     A = A * 4
-    x.requires_grad_(True)
+    for t in (x, dt, A):
+        t.requires_grad_(True)
     y_par, s_par = ssd_scan_parallel(x, dt, A, B, C, D, h0, chunk_size=64)
     y_seq, s_seq = ssd_scan_sequential(x, dt, A, B, C, D, h0)
     assert rel_err(y_par, y_seq) < 1e-5 and rel_err(s_par, s_seq) < 1e-5
-    (grad,) = torch.autograd.grad(y_par.square().sum(), x)
-    assert torch.isfinite(grad).all()
+    grads = torch.autograd.grad(y_par.square().sum(), (x, dt, A))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_parallel_strong_then_weak_decay_float32():
+    """A hard case for segsum: inside each chunk, 32 steps of decay e^-60 and then 32 steps that
+    barely decay. The late steps' decays are differences of running sums near -1900, which float32
+    holds to ~1e-4; the result must stay within that of the float64 loop. Running sums over the
+    whole 640-step sequence (one chunk of 640) reach -19000 and must miss it: the check can fail."""
+    x, dt, A, B, C, D, _ = make_inputs(1, 640, 2, 4, 1, 4, dtype=torch.float32)
+    A = -torch.ones(2)
+    strong = (torch.arange(640) % 64 < 32)[None, :, None]         # first half of each chunk
+    dt = torch.where(strong, 60.0, 0.001).expand_as(dt)
+    y_ref, s_ref = ssd_scan_sequential(*(t.double() for t in (x, dt, A, B, C, D)))
+    y_par, s_par = ssd_scan_parallel(x, dt, A, B, C, D, chunk_size=64)
+    assert rel_err(y_par.double(), y_ref) < 1e-4 and rel_err(s_par.double(), s_ref) < 1e-4
+    y_one, _ = ssd_scan_parallel(x, dt, A, B, C, D, chunk_size=640)
+    assert rel_err(y_one.double(), y_ref) > 1e-4
 
 
 def test_parallel_in_pieces_with_carried_state():
