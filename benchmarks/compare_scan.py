@@ -2,18 +2,24 @@
 
 A change to mvar.py's scan is often worth 10-20%, and on a shared or virtual machine two runs of
 benchmarks/scan.py a minute apart differ by about as much. So this script imports both versions
-of mvar.py into one process and times them interleaved (one call of each, in turn, 21 times;
-the median of each), so that a slow moment of the machine slows both alike. It prints each
-case's two medians and their ratio, and checks that both versions give the same output.
+of mvar.py into one process and times them interleaved (one call of each, taking turns to go
+first, 21 times; the median of each), so that a slow moment of the machine slows both alike. It
+prints each case's two medians and their ratio, and the largest relative difference between
+the two versions' outputs and gradients (flagged above 1e-4: a speed-up must not change them).
+For the scan it also prints the floor of benchmarks/scan.py (max(FLOPs / matmul rate, bytes /
+bandwidth), the rate and bandwidth measured right before the table) and this version's distance
+from it.
 
     git worktree add /tmp/before HEAD~1               # the code to compare against
     python benchmarks/compare_scan.py /tmp/before --threads 1
+    git worktree remove /tmp/before
 
 Cases (fp32, random inputs, chunk 64): exp(segsum(a)) alone at the shape the scan gives it for
 L = 680 (8, 1, 8, 11 chunks, 62); the scan alone at the 256px pyramid's L = 680 (B=8, H=8, P=64,
 N=64) and at the fashion-mnist preset's L = 88 (B=32, H=8, P=32, N=16); forward and forward +
-backward; and a whole Mamba2 layer (width 128, d_state 16, headdim 32) forward + backward at
-L = 88. Run it two or three times: the ratio is what should repeat.
+backward (gradients of all five inputs, as in training); and a whole Mamba2 layer with the
+preset's sizes (width 128, d_state 16, headdim 32, expand 1) forward + backward at L = 88.
+Run it two or three times: the ratio is what should repeat.
 """
 import argparse
 import importlib.util
@@ -23,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+from scan import floors, measure_machine   # benchmarks/scan.py, next to this script
+
 
 def load_mvar(checkout: Path, name: str):
-    """Import checkout/mvar.py as a module called `name` (two versions can then live side by side)."""
+    """Import checkout/mvar.py as a module named `name`, so that two versions live side by side."""
     path = checkout / "mvar.py"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found: pass the folder of a checkout of this project")
@@ -35,44 +43,56 @@ def load_mvar(checkout: Path, name: str):
     return module
 
 
-def segsum_case(backward):
-    """-> run(mvar_module) -> output, for the scan's decay matrices exp(segsum(a)) at L = 680."""
+def segsum_case(versions, backward):
+    """-> run(key) -> what to compare: exp(segsum(a)) at the shape the scan gives it for L = 680,
+    and with backward its gradient."""
     a = -0.5 * torch.rand(8, 1, 8, 11, 62, generator=torch.Generator().manual_seed(0))
 
-    def run(mvar):
+    def run(key):
         a_ = a.clone().requires_grad_(backward)
-        decay = torch.exp(mvar.segsum(a_))
-        if backward:
-            decay.sum().backward()
-        return decay.detach()
+        decay = torch.exp(versions[key].segsum(a_))
+        if not backward:
+            return [decay]
+        decay.sum().backward()
+        return [decay.detach(), a_.grad]
     return run
 
 
-def scan_case(b, L, H, P, N, backward):
-    """-> run(mvar_module) -> output, for the scan alone on fixed random inputs."""
+def scan_case(versions, b, L, H, P, N, backward):
+    """-> run(key) -> what to compare: the scan's output on fixed random inputs, and with backward
+    the gradients of all five inputs (x, dt, A, B, C), as in training."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(b, L, H, P, generator=gen)
-    dt = 0.01 + 0.1 * torch.rand(b, L, H, generator=gen)
-    A = -(0.5 + torch.rand(H, generator=gen))
-    B, C = torch.randn(b, L, 1, N, generator=gen), torch.randn(b, L, 1, N, generator=gen)
+    inputs = (torch.randn(b, L, H, P, generator=gen),                      # x
+              0.01 + 0.1 * torch.rand(b, L, H, generator=gen),             # dt
+              -(0.5 + torch.rand(H, generator=gen)),                       # A
+              torch.randn(b, L, 1, N, generator=gen),                      # B
+              torch.randn(b, L, 1, N, generator=gen))                      # C
 
-    def run(mvar):
-        xs = x.clone().requires_grad_(backward)
-        y, _ = mvar.ssd_scan_parallel(xs, dt, A, B, C, torch.ones(H), chunk_size=64)
-        if backward:
-            y.square().sum().backward()
-        return y.detach()
+    def run(key):
+        leaves = [t.clone().requires_grad_(backward) for t in inputs]
+        y, _ = versions[key].ssd_scan_parallel(*leaves, torch.ones(H), chunk_size=64)
+        if not backward:
+            return [y]
+        y.square().sum().backward()
+        return [y.detach()] + [t.grad for t in leaves]
     return run
 
 
 def layer_case(layers, u0):
-    """-> run(mvar_module) -> output, for one Mamba2 layer (same weights in both versions), fwd+bwd."""
-    def run(mvar):
+    """-> run(key) -> what to compare: one Mamba2 layer's output and input gradient, fwd+bwd
+    (the two versions' layers hold the same weights)."""
+    def run(key):
         u = u0.clone().requires_grad_(True)
-        y, _ = layers[mvar.__name__](u)
+        layers[key].zero_grad(set_to_none=True)
+        y, _ = layers[key](u)
         y.square().sum().backward()
-        return y.detach()
+        return [y.detach(), u.grad]
     return run
+
+
+def max_rel_diff(these, baselines):
+    """Largest |this - baseline| / max |baseline| over the tensors of one case."""
+    return max(((t - b).abs().max() / b.abs().max()).item() for t, b in zip(these, baselines))
 
 
 def main():
@@ -85,34 +105,41 @@ def main():
     versions = {"baseline": load_mvar(args.baseline, "baseline"),
                 "this": load_mvar(Path(__file__).resolve().parents[1], "this")}
 
-    torch.manual_seed(0)
-    layers = {"baseline": versions["baseline"].Mamba2(128, d_state=16, headdim=32)}
-    layers["this"] = versions["this"].Mamba2(128, d_state=16, headdim=32)
+    torch.manual_seed(0)                                   # the preset's Mamba, same weights
+    layers = {k: m.Mamba2(128, d_state=16, headdim=32, expand=1) for k, m in versions.items()}
     layers["this"].load_state_dict(layers["baseline"].state_dict())
-    cases = [("exp(segsum) L=680 fwd", segsum_case(False)),
-             ("exp(segsum) L=680 fwd+bwd", segsum_case(True)),
-             ("scan L=680 fwd", scan_case(8, 680, 8, 64, 64, False)),
-             ("scan L=680 fwd+bwd", scan_case(8, 680, 8, 64, 64, True)),
-             ("scan L=88 fwd", scan_case(32, 88, 8, 32, 16, False)),
-             ("scan L=88 fwd+bwd", scan_case(32, 88, 8, 32, 16, True)),
-             ("Mamba2 layer L=88 fwd+bwd", layer_case(layers, torch.randn(32, 88, 128)))]
+    rate, bw = measure_machine("cpu", args.threads)
+    floor680, floor88 = (floors(*shape, 64, rate, bw) for shape in [(8, 680, 8, 64, 64),
+                                                                    (32, 88, 8, 32, 16)])
+    cases = [("exp(segsum) L=680 fwd", segsum_case(versions, False), None),   # name, run, floor
+             ("exp(segsum) L=680 fwd+bwd", segsum_case(versions, True), None),
+             ("scan L=680 fwd", scan_case(versions, 8, 680, 8, 64, 64, False), floor680[0]),
+             ("scan L=680 fwd+bwd", scan_case(versions, 8, 680, 8, 64, 64, True), floor680[1]),
+             ("scan L=88 fwd", scan_case(versions, 32, 88, 8, 32, 16, False), floor88[0]),
+             ("scan L=88 fwd+bwd", scan_case(versions, 32, 88, 8, 32, 16, True), floor88[1]),
+             ("Mamba2 layer L=88 fwd+bwd", layer_case(layers, torch.randn(32, 88, 128)), None)]
 
     print(f"baseline: {args.baseline.resolve()}   threads {args.threads}, {args.reps} interleaved "
           f"calls each, torch {torch.__version__}")
-    print(f"{'case':28s} {'baseline ms':>12s} {'this ms':>9s} {'this/baseline':>14s} {'max rel diff':>13s}")
-    for name, run in cases:
-        times = {k: [] for k in versions}
-        outputs = {k: run(m) for k, m in versions.items()}            # untimed warm-up
-        for _ in range(args.reps):
-            for k, m in versions.items():
+    print(f"machine now: matmul {rate / 1e9:.0f} GFLOP/s, copy {bw / 1e9:.1f} GB/s")
+    print(f"{'case':28s} {'baseline ms':>12s} {'this ms':>9s} {'this/baseline':>14s} "
+          f"{'max rel diff':>13s} {'floor ms':>9s} {'this/floor':>11s}")
+    for name, run, floor in cases:
+        outputs = {key: run(key) for key in versions}                 # untimed warm-up
+        times = {key: [] for key in versions}
+        for rep in range(args.reps):
+            order = list(versions) if rep % 2 == 0 else list(versions)[::-1]   # take turns first
+            for key in order:
                 t0 = time.perf_counter()
-                run(m)
-                times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        diff = ((outputs["this"] - outputs["baseline"]).abs().max()
-                / outputs["baseline"].abs().max()).item()
+                run(key)
+                times[key].append(time.perf_counter() - t0)
+        med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+        diff = max_rel_diff(outputs["this"], outputs["baseline"])
+        versus_floor = (f"{floor * 1e3:9.1f} {med['this'] / (floor * 1e3):10.1f}x" if floor
+                        else f"{'-':>9s} {'-':>11s}")
         print(f"{name:28s} {med['baseline']:12.1f} {med['this']:9.1f} "
-              f"{med['this'] / med['baseline']:13.2f}x {diff:13.1e}")
+              f"{med['this'] / med['baseline']:13.2f}x {diff:13.1e} {versus_floor}"
+              + ("   <- the versions disagree" if diff > 1e-4 else ""))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ References: the scan's closed form summed by brute force; the plain loop `ssd_sc
 here from the paper's description; the official checkpoint's key list.
 """
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -335,3 +338,28 @@ def test_mamba2_bad_inputs_raise():
         m(torch.randn(2, 5, 15, dtype=torch.float64))
     with pytest.raises(ValueError, match="state does not fit"):
         m(torch.randn(2, 5, 16, dtype=torch.float64), m.init_state(3))
+
+
+def test_compare_scan_flags_a_version_that_computes_something_else(tmp_path):
+    """benchmarks/compare_scan.py, the tool for timing a change to the scan against the code
+    before it, must also catch a change that alters the result: a copy of mvar.py whose segsum
+    sums a[j] ... a[i-1] instead of a[j+1] ... a[i] is flagged on the segsum and scan rows; the
+    repository compared with itself is not. (Timings are not checked; --reps 1 keeps it short.)"""
+    repo = Path(__file__).resolve().parents[1]
+    source = (repo / "mvar.py").read_text()
+    exact = "    cs = a.cumsum(dim=-1)"
+    assert exact in source
+    (tmp_path / "mvar.py").write_text(source.replace(exact, exact + "\n    cs = cs - a"))
+
+    def run(baseline):
+        out = subprocess.run([sys.executable, str(repo / "benchmarks" / "compare_scan.py"),
+                              str(baseline), "--reps", "1"], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if "L=" in line]
+
+    same, broken = run(repo), run(tmp_path)
+    assert len(same) == len(broken) == 7
+    assert not any("disagree" in line for line in same)
+    flagged = [line.split()[0] for line in broken if "disagree" in line]
+    assert "exp(segsum)" in flagged and "scan" in flagged
