@@ -159,9 +159,9 @@ PRESETS = {
     "tiny": dict(),
     # Both stages in ~38 minutes on a 2-core CPU (benchmarks/RESULTS.md): native 28x28 images,
     # 7x7 latents, L = 88 tokens; many small generator steps (batch 32); a Mamba sized for
-    # width 128 (d_state 16, headdim 32, expand 1: 0.75x the step time of expand 2, and better
-    # than it at equal wall time). 2.5264 epochs of 1,875 steps are 4,737 steps, the wall time of
-    # the 3,562 steps the preset ran with expand 2 before.
+    # width 128 (d_state 16, headdim 32, expand 1: about 0.75x the step time of expand 2, and
+    # better than it at equal wall time). 2.5264 epochs of 1,875 steps are 4,737 steps, the wall
+    # time of the 3,562 steps the preset ran with expand 2 before.
     "fashion-mnist": dict(dataset="fashion-mnist", image_size=28, patch_nums=(1, 2, 3, 5, 7),
                           tok_epochs=1.0, tok_batch=32, tok_lr=1e-3,
                           gen_batch=32, base_lr=8e-3, gen_epochs=2.5264, cfg_scale=3.0,

@@ -18,7 +18,7 @@ train.py also takes); --compile model mamba also times both models under torch.c
 only the Mamba layers; the first steps, which compile, are not timed).
 
     python benchmarks/train_step.py --threads 1                       # the fashion-mnist preset
-    python benchmarks/train_step.py --threads 1 --d_state 16 --headdim 32
+    python benchmarks/train_step.py --threads 1 --expand 2            # its Mamba at expand 2
     python benchmarks/train_step.py --threads 1 --compile model mamba
     python benchmarks/train_step.py --preset cifar10 --batch 16 --threads 2
 """
