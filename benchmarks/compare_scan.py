@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from scan import floors, measure_machine   # benchmarks/scan.py, next to this script
+from scan import floors, make_inputs, measure_machine   # benchmarks/scan.py, next to this one
 
 
 def load_mvar(checkout: Path, name: str):
@@ -59,18 +59,13 @@ def segsum_case(versions, backward):
 
 
 def scan_case(versions, b, L, H, P, N, backward):
-    """-> run(key) -> what to compare: the scan's output on fixed random inputs, and with backward
-    the gradients of all five inputs (x, dt, A, B, C), as in training."""
-    gen = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(b, L, H, P, generator=gen),                      # x
-              0.01 + 0.1 * torch.rand(b, L, H, generator=gen),             # dt
-              -(0.5 + torch.rand(H, generator=gen)),                       # A
-              torch.randn(b, L, 1, N, generator=gen),                      # B
-              torch.randn(b, L, 1, N, generator=gen))                      # C
+    """-> run(key) -> what to compare: the scan's output on scan.py's random inputs, and with
+    backward the gradients of all five inputs (x, dt, A, B, C), as in training."""
+    *inputs, D = make_inputs(b, L, H, P, N, "cpu", requires_grad=False)
 
     def run(key):
         leaves = [t.clone().requires_grad_(backward) for t in inputs]
-        y, _ = versions[key].ssd_scan_parallel(*leaves, torch.ones(H), chunk_size=64)
+        y, _ = versions[key].ssd_scan_parallel(*leaves, D, chunk_size=64)
         if not backward:
             return [y]
         y.square().sum().backward()
