@@ -30,6 +30,10 @@ overridden, and a fixed seed.
     python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --per_class 50 --cfg 2
     python benchmarks/sample_quality.py --dataset fashion-mnist     # classifier only, no generator
     python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --fd_per_class 200
+    python benchmarks/sample_quality.py --tokenizer runs/x/tokenizer.pt --fd_per_class 200
+
+--tokenizer scores a tokenizer alone, before any generator is trained on it: its reconstructions'
+accuracy and, with --fd_per_class, their row of the table (the ceiling a generator can reach).
 
 Cost on a 2-core CPU: each classifier trains for 400 steps of 128 images, about a minute for
 16px shapes and two for 28px Fashion-MNIST; sampling 20 images per class of a small generator
@@ -191,7 +195,8 @@ def settings_of(ck: dict, args) -> dict:
 
 def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, device) -> list:
     """The Frechet distance / diversity table of the docstring for a loaded generator (model,
-    tokenizer, checkpoint dict), printed; returns its rows."""
+    tokenizer, checkpoint dict; model None: the real and reconstruction rows only), printed;
+    returns its rows."""
     n = args.fd_per_class
     if n < 2:
         raise ValueError(f"--fd_per_class must be at least 2 (a spread needs two images), got {n}")
@@ -202,7 +207,7 @@ def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, de
     feats = lambda x: features(clf, to_mode(x, mode), device)
     rows = [("real test images", feats(test_x[pick])),
             ("tokenizer reconstructions", feats(reconstruct(tok, test_x[pick], device)))]
-    for scale in args.fd_cfgs:
+    for scale in args.fd_cfgs if model is not None else []:
         settings = {**settings_of(ck, args), "cfg": scale}
         images, _, _ = sample_images(model, tok, labels, args.batch, settings, device, seed=args.seed,
                                      desc=f"sampling cfg {scale:g}")
@@ -224,11 +229,11 @@ def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, de
     return out
 
 
-def data_config(args, ckpts):
-    """The train.py config whose data the generators saw (from the first checkpoint), or a
-    preset for --dataset when no checkpoint is given."""
+def data_config(args, ckpts, kind="generator"):
+    """The train.py config whose data the checkpoints (of `kind`: generator or tokenizer) saw,
+    from the first one, or a preset for --dataset when no checkpoint is given."""
     if ckpts:
-        saved = [runtime.load_checkpoint(p, "generator")["config"]["train"] for p in ckpts]
+        saved = [runtime.load_checkpoint(p, kind)["config"]["train"] for p in ckpts]
         data = [{k: s[k] for k in train.DATA_FIELDS} for s in saved]
         if any(d != data[0] for d in data):
             raise ValueError(f"--ckpt and --ckpt2 were trained on different data: {data}")
@@ -252,6 +257,7 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="", help="generator checkpoint (RUN/mvar.pt)")
     p.add_argument("--ckpt2", default="", help="a second one to compare (RUN/var.pt)")
+    p.add_argument("--tokenizer", default="", help="instead of a generator: score this RUN/tokenizer.pt")
     p.add_argument("--dataset", default="", choices=("", "shapes", "fashion-mnist", "cifar10"),
                    help="without --ckpt: which dataset (default shapes); with it, a check")
     p.add_argument("--data_dir", default="", help="dataset folder, if not where train.py looks")
@@ -270,10 +276,13 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no_cache", action="store_true", help="always retrain the classifier")
     args = p.parse_args(argv)
-    ckpts = [c for c in (args.ckpt, args.ckpt2) if c]
+    if args.tokenizer and (args.ckpt or args.ckpt2):
+        p.error("--tokenizer scores a tokenizer alone; a generator's (--ckpt) is scored with it")
+    gens = [c for c in (args.ckpt, args.ckpt2) if c]
+    ckpts = gens or ([args.tokenizer] if args.tokenizer else [])   # the data settings come from these
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    cfg = data_config(args, ckpts)
+    cfg = data_config(args, ckpts, "generator" if gens else "tokenizer")
 
     train_ds, test_ds = data.load_dataset(cfg, "train", download_ok=False), data.load_dataset(cfg, "test", download_ok=False)
     M = train_ds.num_classes
@@ -296,15 +305,18 @@ def main(argv=None) -> dict:
             per[mode] = [hit[y == c].mean().item() if (y == c).any() else None for c in range(M)]
         return acc, per
 
+    loaded = [runtime.load_generator(path, device) for path in gens]    # (model, tokenizer, ckpt)
+    if args.tokenizer:                                 # no generator: real and reconstructions only
+        first = (None, *runtime.load_trained_tokenizer(args.tokenizer, device))
+    else:
+        first = loaded[0] if loaded else None
     rows = [("real test images", len(test_y), *score(test_x, test_y), None)]
-    for i, path in enumerate(ckpts):
-        model, tok, ck = runtime.load_generator(path, device)
-        if i == 0:
-            first = model, tok, ck
-            # The ceiling for any generator on this tokenizer: its reconstructions of the test
-            # images (a sample can only be as recognisable as what the tokenizer can draw).
-            recon = reconstruct(tok, test_x, device)
-            rows.append(("tokenizer reconstructions of test", len(test_y), *score(recon, test_y), None))
+    if first:
+        # The ceiling for any generator on this tokenizer: its reconstructions of the test
+        # images (a sample can only be as recognisable as what the tokenizer can draw).
+        recon = reconstruct(first[1], test_x, device)
+        rows.append(("tokenizer reconstructions of test", len(test_y), *score(recon, test_y), None))
+    for model, tok, ck in loaded:
         settings = settings_of(ck, args)
         labels = torch.arange(M).repeat_interleave(args.per_class)
         images, _, secs = sample_images(model, tok, labels, args.batch, settings, device,
@@ -333,7 +345,7 @@ def main(argv=None) -> dict:
         result["spread"] = spread_table(args, clfs[modes[-1]], modes[-1], train_x, test_x, test_y,
                                         *first, M, device)
     if ckpts:
-        out = Path(ckpts[0]).parent / "sample_quality.json"
+        out = Path(ckpts[0]).parent / ("tokenizer_quality.json" if args.tokenizer else "sample_quality.json")
         runtime.write_json(result, out)
         print(f"\nwrote {out}")
     return result

@@ -269,6 +269,19 @@ def test_sample_quality_benchmark_runs_and_caches_its_classifier(run):
         assert all(0 <= a <= 1 for a in r["accuracy"].values()) and len(r["per_class"]["grey"]) == NUM_CLASSES
 
 
+def test_sample_quality_scores_a_tokenizer_alone(run):
+    """--tokenizer: the real and reconstruction rows of a --ckpt run on the same tokenizer."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sample_quality
+    common = ["--per_class", "1", "--steps", "5", "--device", "cpu"]
+    with_generator = sample_quality.main(["--ckpt", str(run / "mvar.pt")] + common)
+    alone = sample_quality.main(["--tokenizer", str(run / "tokenizer.pt")] + common)
+    assert alone["rows"] == with_generator["rows"][:2]
+    assert alone["rows"][1]["name"] == "tokenizer reconstructions of test"
+    with pytest.raises(SystemExit):
+        sample_quality.main(["--tokenizer", str(run / "tokenizer.pt"), "--ckpt", str(run / "mvar.pt")])
+
+
 def test_sample_quality_spread_table(run):
     """--fd_per_class: one row per source, each with the same n, real images at ratio 1 (on
     random stand-in images: 2 per class, as the tiny run's test split has only 1)."""
@@ -289,6 +302,9 @@ def test_sample_quality_spread_table(run):
     assert all(r["images"] == 2 * NUM_CLASSES for r in rows)
     assert rows[0]["diversity_ratio"] == pytest.approx(1.0)
     assert rows[1]["frechet_distance"] > 0
+    alone = sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, None, *loaded[1:],
+                                        NUM_CLASSES, torch.device("cpu"))   # --tokenizer: no generator
+    assert alone == rows[:2]
     args.fd_per_class = 1
     with pytest.raises(ValueError, match="at least 2"):
         sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, *loaded,
