@@ -1,7 +1,7 @@
 """Does the sample grid show each class recognisably? A classifier answers (README "Measured results").
 
 Trains a small CNN (plain torch, a few conv layers) on the training split of the dataset a
-generator was trained on (train.py's loader: the built-in "shapes" data or Fashion-MNIST),
+generator (or a --tokenizer) was trained on (train.py's loader: the built-in "shapes" data or Fashion-MNIST),
 reports its accuracy on the real test images and on the tokenizer's reconstructions of them
 (the ceiling: a sample cannot be drawn better than the tokenizer can draw), then its accuracy
 on N generated samples per class from each generator checkpoint given (--ckpt, and --ckpt2 to
@@ -22,8 +22,10 @@ guidance), against the features of the real training images (all, or --train_ima
 
 For RGB data the built-in classes differ in colour *and* shape, so a colour-blind second
 classifier (trained and tested on luminance only) is reported too: it checks the shape.
-Classifier weights are cached in the run folder (classifier_<mode>.pt) and reused while the
-data settings are unchanged. Sampling uses the checkpoint's cfg / top-k / top-p unless
+Classifier weights are cached in the folder of the first checkpoint given (classifier_<mode>.pt)
+and reused while the data settings are unchanged (copy the file to score other run folders with
+the same classifier); the results go to sample_quality.json there (tokenizer_quality.json for
+--tokenizer). Sampling uses the checkpoint's cfg / top-k / top-p unless
 overridden, and a fixed seed.
 
     python benchmarks/sample_quality.py --ckpt runs/tiny/mvar.pt --ckpt2 runs/tiny/var.pt
@@ -33,7 +35,8 @@ overridden, and a fixed seed.
     python benchmarks/sample_quality.py --tokenizer runs/x/tokenizer.pt --fd_per_class 200
 
 --tokenizer scores a tokenizer alone, before any generator is trained on it: its reconstructions'
-accuracy and, with --fd_per_class, their row of the table (the ceiling a generator can reach).
+accuracy and, with --fd_per_class, their row of the table (the ceiling a generator can reach);
+the sampling options then have nothing to do.
 
 Cost on a 2-core CPU: each classifier trains for 400 steps of 128 images, about a minute for
 16px shapes and two for 28px Fashion-MNIST; sampling 20 images per class of a small generator
@@ -257,9 +260,10 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="", help="generator checkpoint (RUN/mvar.pt)")
     p.add_argument("--ckpt2", default="", help="a second one to compare (RUN/var.pt)")
-    p.add_argument("--tokenizer", default="", help="instead of a generator: score this RUN/tokenizer.pt")
+    p.add_argument("--tokenizer", default="", help="instead of a generator: score this RUN/tokenizer.pt "
+                   "(its reconstructions only; the sampling options are unused)")
     p.add_argument("--dataset", default="", choices=("", "shapes", "fashion-mnist", "cifar10"),
-                   help="without --ckpt: which dataset (default shapes); with it, a check")
+                   help="without --ckpt / --tokenizer: which dataset (default shapes); with one, a check")
     p.add_argument("--data_dir", default="", help="dataset folder, if not where train.py looks")
     p.add_argument("--per_class", type=int, default=20, help="generated samples per class")
     p.add_argument("--cfg", type=float, default=None, help="guidance (default: the checkpoint's)")
@@ -277,12 +281,17 @@ def main(argv=None) -> dict:
     p.add_argument("--no_cache", action="store_true", help="always retrain the classifier")
     args = p.parse_args(argv)
     if args.tokenizer and (args.ckpt or args.ckpt2):
-        p.error("--tokenizer scores a tokenizer alone; a generator's (--ckpt) is scored with it")
+        p.error("--ckpt already scores its generator's tokenizer; drop --tokenizer")
     gens = [c for c in (args.ckpt, args.ckpt2) if c]
     ckpts = gens or ([args.tokenizer] if args.tokenizer else [])   # the data settings come from these
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     cfg = data_config(args, ckpts, "generator" if gens else "tokenizer")
+    loaded = [runtime.load_generator(path, device) for path in gens]    # (model, tokenizer, ckpt)
+    if args.tokenizer:                                 # no generator: real and reconstructions only
+        first = (None, *runtime.load_trained_tokenizer(args.tokenizer, device))
+    else:
+        first = loaded[0] if loaded else None
 
     train_ds, test_ds = data.load_dataset(cfg, "train", download_ok=False), data.load_dataset(cfg, "test", download_ok=False)
     M = train_ds.num_classes
@@ -305,11 +314,6 @@ def main(argv=None) -> dict:
             per[mode] = [hit[y == c].mean().item() if (y == c).any() else None for c in range(M)]
         return acc, per
 
-    loaded = [runtime.load_generator(path, device) for path in gens]    # (model, tokenizer, ckpt)
-    if args.tokenizer:                                 # no generator: real and reconstructions only
-        first = (None, *runtime.load_trained_tokenizer(args.tokenizer, device))
-    else:
-        first = loaded[0] if loaded else None
     rows = [("real test images", len(test_y), *score(test_x, test_y), None)]
     if first:
         # The ceiling for any generator on this tokenizer: its reconstructions of the test
@@ -338,7 +342,8 @@ def main(argv=None) -> dict:
     for name, _, _, per, _ in rows:
         print(f"{name:38} " + " ".join(f"{100 * a:>9.0f}" if a is not None else f"{'-':>9}" for a in per[mode]))
 
-    result = {"dataset": cfg.dataset, "image_size": cfg.image_size, "classifier_train_images": len(train_x),
+    result = {"dataset": cfg.dataset, "image_size": cfg.image_size, "checkpoints": ckpts,
+              "classifier_train_images": len(train_x),
               "rows": [{"name": r[0], "images": r[1], "accuracy": r[2], "per_class": r[3], "settings": r[4]}
                        for r in rows]}
     if args.fd_per_class and ckpts:

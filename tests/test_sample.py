@@ -278,6 +278,8 @@ def test_sample_quality_scores_a_tokenizer_alone(run):
     alone = sample_quality.main(["--tokenizer", str(run / "tokenizer.pt")] + common)
     assert alone["rows"] == with_generator["rows"][:2]
     assert alone["rows"][1]["name"] == "tokenizer reconstructions of test"
+    assert json.loads((run / "tokenizer_quality.json").read_text()) == alone   # not sample_quality.json
+    assert json.loads((run / "sample_quality.json").read_text()) == with_generator
     with pytest.raises(SystemExit):
         sample_quality.main(["--tokenizer", str(run / "tokenizer.pt"), "--ckpt", str(run / "mvar.pt")])
 
