@@ -1,8 +1,8 @@
 """Does the sample grid show each class recognisably? A classifier answers (README "Measured results").
 
 Trains a small CNN (plain torch, a few conv layers) on the training split of the dataset a
-generator (or a --tokenizer) was trained on (train.py's loader: the built-in "shapes" data or Fashion-MNIST),
-reports its accuracy on the real test images and on the tokenizer's reconstructions of them
+generator (or a --tokenizer) was trained on (train.py's loader: the built-in "shapes" data or
+Fashion-MNIST), reports its accuracy on the real test images and on the tokenizer's reconstructions of them
 (the ceiling: a sample cannot be drawn better than the tokenizer can draw), then its accuracy
 on N generated samples per class from each generator checkpoint given (--ckpt, and --ckpt2 to
 compare M-VAR with VAR).
@@ -25,8 +25,8 @@ classifier (trained and tested on luminance only) is reported too: it checks the
 Classifier weights are cached in the folder of the first checkpoint given (classifier_<mode>.pt)
 and reused while the data settings are unchanged (copy the file to score other run folders with
 the same classifier); the results go to sample_quality.json there (tokenizer_quality.json for
---tokenizer). Sampling uses the checkpoint's cfg / top-k / top-p unless
-overridden, and a fixed seed.
+--tokenizer). Sampling uses the checkpoint's cfg / top-k / top-p unless overridden, and a
+fixed seed.
 
     python benchmarks/sample_quality.py --ckpt runs/tiny/mvar.pt --ckpt2 runs/tiny/var.pt
     python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --per_class 50 --cfg 2
@@ -210,7 +210,7 @@ def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, de
     feats = lambda x: features(clf, to_mode(x, mode), device)
     rows = [("real test images", feats(test_x[pick])),
             ("tokenizer reconstructions", feats(reconstruct(tok, test_x[pick], device)))]
-    for scale in args.fd_cfgs if model is not None else []:
+    for scale in (args.fd_cfgs if model is not None else []):         # no generator, no samples
         settings = {**settings_of(ck, args), "cfg": scale}
         images, _, _ = sample_images(model, tok, labels, args.batch, settings, device, seed=args.seed,
                                      desc=f"sampling cfg {scale:g}")
@@ -288,10 +288,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     cfg = data_config(args, ckpts, "generator" if gens else "tokenizer")
     loaded = [runtime.load_generator(path, device) for path in gens]    # (model, tokenizer, ckpt)
-    if args.tokenizer:                                 # no generator: real and reconstructions only
-        first = (None, *runtime.load_trained_tokenizer(args.tokenizer, device))
-    else:
-        first = loaded[0] if loaded else None
+    # (model, tokenizer, checkpoint) behind the reconstruction rows; model None for --tokenizer
+    first = (None, *runtime.load_trained_tokenizer(args.tokenizer, device)) if args.tokenizer else \
+        (loaded[0] if loaded else None)
 
     train_ds, test_ds = data.load_dataset(cfg, "train", download_ok=False), data.load_dataset(cfg, "test", download_ok=False)
     M = train_ds.num_classes
@@ -318,7 +317,8 @@ def main(argv=None) -> dict:
     if first:
         # The ceiling for any generator on this tokenizer: its reconstructions of the test
         # images (a sample can only be as recognisable as what the tokenizer can draw).
-        recon = reconstruct(first[1], test_x, device)
+        _, tok, _ = first
+        recon = reconstruct(tok, test_x, device)
         rows.append(("tokenizer reconstructions of test", len(test_y), *score(recon, test_y), None))
     for model, tok, ck in loaded:
         settings = settings_of(ck, args)
