@@ -1,7 +1,8 @@
 """Benchmark: the sequential SSM loop vs the chunked parallel scan (mvar.py section 1).
 
 Prints, for each sequence length L and each method (loop = ssd_scan_sequential; chunk Q =
-ssd_scan_parallel with chunk_size Q), the median wall time and the peak memory of a forward pass
+ssd_scan_parallel with chunk_size Q; matmuls Q = its four matmuls alone, see below; with
+--compile, compiled Q = ssd_scan_parallel under torch.compile), the median wall time and the peak memory of a forward pass
 (under torch.no_grad, as when sampling) and of a forward + backward pass (as in training), the
 loop / parallel ratios, and a lower bound ("floor") for the parallel scan on this machine, with
 how far above it each chunked case is.
@@ -9,6 +10,7 @@ how far above it each chunked case is.
     python benchmarks/scan.py                 # default: B=8 H=8 P=64 N=64 fp32, L=130,680,2240
     python benchmarks/scan.py --quick         # L=130,680, chunk 64 only, fewer repeats
     python benchmarks/scan.py --threads 1     # fairer on a machine shared with other jobs
+    python benchmarks/scan.py --quick --compile   # + the scan under torch.compile
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/scan.py   # see "Allocator" below
 
 Time: median of up to --repeats runs after one untimed run; a case stops repeating once it has
@@ -36,6 +38,13 @@ table (a large matmul, a large copy). FLOPs counted: the four matmul steps of ss
 ~2x forward. Bytes: reading x, dt, B, C and writing y once (backward: ~3x that). No floor is
 printed for the loop: its time is per-step overhead and, with backward, storing one (B,H,P,N)
 state per step for autograd (B*H*P*N*4*L bytes: the memory column).
+
+The floor assumes every matmul runs at the rate of one large (1024 x 1024) matmul. The scan's
+matmuls are hundreds of small ones ((62 x 64) @ (64 x 64) per chunk and head at L = 680), which
+run slower. So the table also times "matmuls Q": the same four matmuls at the same shapes and
+nothing else, on random tensors already laid out in chunks. chunk Q / matmuls Q is then what the
+elementwise work around the matmuls costs (decays, masks, padding, layout copies); matmuls Q /
+floor, what the small matmuls cost beyond the floor's large-matmul rate.
 
 Allocator. Buffers above glibc's mmap threshold (at most 32 MB) are fresh pages from the kernel on
 every allocation, and page faults can dominate; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 makes
@@ -71,10 +80,27 @@ def make_inputs(b, l, h, p, n, device, requires_grad):
     return [t.to(device).requires_grad_(requires_grad) for t in (x, dt, A, B, C, D)]
 
 
+def chunked_shapes(b, l, h, p, n, q):
+    """The shapes ssd_scan_parallel multiplies, as it cuts L into c chunks of Q <= q tokens:
+    C, B (per group), decay (the (Q, Q) mix per head), dt x, B and C scaled per head, h_in."""
+    c = -(-l // q)
+    q = -(-l // c)
+    return [(b, 1, 1, c, q, n), (b, 1, 1, c, q, n), (b, 1, h, c, q, q), (b, 1, h, c, q, p),
+            (b, 1, h, c, q, n), (b, 1, h, c, q, n), (b, 1, h, c, p, n)]
+
+
+def matmuls_only(C, B, decay, xdt, B_scaled, C_scaled, h_in):
+    """ssd_scan_parallel's four matmuls at its shapes, and nothing else (no decays, masks, layout
+    copies or padding): the time the scan would take if all its elementwise work were free."""
+    return (C @ B.transpose(-1, -2),                  # 1. C B^T per group
+            decay @ xdt,                              # 1. the (Q, Q) mix applied to dt x
+            xdt.transpose(-1, -2) @ B_scaled,         # 2. each chunk's own state
+            C_scaled @ h_in.transpose(-1, -2))        # 4. the carried-in state's output
+
+
 def run_once(fn, args, backward):
     if backward:
-        y, state = fn(*args)
-        (y.sum() + state.sum()).backward()
+        sum(out.sum() for out in fn(*args)).backward()
     else:
         with torch.no_grad():
             fn(*args)
@@ -96,12 +122,23 @@ def proc_status_bytes(key):
 def run_case(case):
     """Child process: time one (method, L, chunk, mode) case and measure its peak memory."""
     torch.set_num_threads(case["threads"])
-    dev, backward = case["device"], case["mode"] == "fwd+bwd"
-    fn = (ssd_scan_sequential if case["chunk"] == 0
-          else lambda *a: ssd_scan_parallel(*a, chunk_size=case["chunk"]))
+    dev, backward, kind = case["device"], case["mode"] == "fwd+bwd", case["kind"]
     shape = (case["b"], case["h"], case["p"], case["n"])
-    run_once(fn, make_inputs(shape[0], 3, *shape[1:], dev, backward), backward)   # warm-up
-    args = make_inputs(shape[0], case["L"], *shape[1:], dev, backward)
+    if kind == "matmuls":
+        fn = matmuls_only
+        gen = torch.Generator().manual_seed(0)
+        args = [torch.randn(s, generator=gen).to(dev).requires_grad_(backward)
+                for s in chunked_shapes(shape[0], case["L"], *shape[1:], case["chunk"])]
+    else:
+        fn = (ssd_scan_sequential if kind == "loop"
+              else lambda *a: ssd_scan_parallel(*a, chunk_size=case["chunk"]))
+        run_once(fn, make_inputs(shape[0], 3, *shape[1:], dev, backward), backward)   # warm-up
+        args = make_inputs(shape[0], case["L"], *shape[1:], dev, backward)
+    if kind == "compiled":       # compiled for these shapes: warm up (and compile) on them
+        fn = torch.compile(fn, dynamic=False)
+    if kind in ("matmuls", "compiled"):
+        for _ in range(2):
+            run_once(fn, args, backward)
     sync(dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -174,6 +211,8 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="L=130,680, chunk 64, 3 repeats")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the chunked scan under torch.compile (compilation not timed)")
     ap.add_argument("--case", help=argparse.SUPPRESS)     # internal: run one case, print JSON
     args = ap.parse_args()
     if args.case:
@@ -192,17 +231,20 @@ def main():
     print(f"machine now: matmul {rate / 1e9:.0f} GFLOP/s, copy {bw / 1e9:.1f} GB/s")
     print("memory: peak growth of the process during the case (see the docstring)\n")
 
-    methods = [("loop", 0)] + [(f"chunk {q}", q) for q in args.chunks]
-    hdr = (f"{'L':>5} {'method':>9} | {'fwd ms':>8} {'MB':>6} | {'fwd+bwd ms':>10} {'MB':>6} | "
+    methods = [("loop", "loop", 0)]
+    for q in args.chunks:
+        methods += ([(f"chunk {q}", "chunk", q)] + [(f"compiled {q}", "compiled", q)] * args.compile
+                    + [(f"matmuls {q}", "matmuls", q)])
+    hdr = (f"{'L':>5} {'method':>11} | {'fwd ms':>8} {'MB':>6} | {'fwd+bwd ms':>10} {'MB':>6} | "
            f"{'loop/this: fwd':>14} {'f+b time':>8} {'f+b mem':>7} | {'floor ms fwd, f+b':>17} | "
            f"{'this/floor: fwd, f+b':>20}")
     print(hdr)
     print("-" * len(hdr))
     for l in args.lengths:
         res = {}
-        for name, q in methods:
+        for name, kind, q in methods:
             for mode in ("fwd", "fwd+bwd"):
-                case = dict(L=l, chunk=q, mode=mode, b=b, h=h, p=p, n=n, device=args.device,
+                case = dict(L=l, kind=kind, chunk=q, mode=mode, b=b, h=h, p=p, n=n, device=args.device,
                             threads=args.threads, repeats=args.repeats, budget_s=args.budget)
                 try:
                     out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
@@ -211,7 +253,7 @@ def main():
                     res[name, mode] = json.loads(out.stdout.strip().splitlines()[-1])
                 except subprocess.TimeoutExpired:   # a lower bound on the time, memory unknown
                     res[name, mode] = {"median_s": args.timeout, "peak_bytes": None}
-        for name, q in methods:
+        for name, _, q in methods:
             print(table_row(l, name, q, res, floors(b, l, h, p, n, q, rate, bw) if q else None),
                   flush=True)
         print()
@@ -229,13 +271,15 @@ def table_row(l, name, q, res, floor):
         stopped_loop, stopped_this = loop["peak_bytes"] is None, this["peak_bytes"] is None
         if stopped_this or (stopped_loop and key == "peak_bytes"):
             return "?"
+        if this[key] <= 0:             # a case that needed no new memory (matmuls alone can)
+            return "-"
         return (">" if stopped_loop else "") + f"{loop[key] / max(this[key], 1e-9):.1f}x"
 
     f, fb = res[name, "fwd"], res[name, "fwd+bwd"]
     lf, lfb = res["loop", "fwd"], res["loop", "fwd+bwd"]
     fl = "-" if floor is None else f"{floor[0] * 1e3:7.1f}, {floor[1] * 1e3:7.1f}"
     above = "-" if floor is None else f"{f['median_s'] / floor[0]:.1f}x, {fb['median_s'] / floor[1]:.1f}x"
-    return (f"{l:>5} {name:>9} | {ms(f):>8} {mb(f):>6} | {ms(fb):>10} {mb(fb):>6} | "
+    return (f"{l:>5} {name:>11} | {ms(f):>8} {mb(f):>6} | {ms(fb):>10} {mb(fb):>6} | "
             f"{ratio(lf, f, 'median_s'):>14} {ratio(lfb, fb, 'median_s'):>8} "
             f"{ratio(lfb, fb, 'peak_bytes'):>7} | {fl:>17} | {above:>20}")
 

@@ -15,7 +15,8 @@ train.py takes (teacher-forced forward, cross-entropy, backward, grad clip, Adam
 
 Mamba's settings can be changed to see what they cost (--d_state, --headdim, --expand, which
 train.py also takes); --compile model mamba also times both models under torch.compile (all of it, or
-only the Mamba layers; the first steps, which compile, are not timed).
+only the Mamba layers; the first steps, which compile, are not timed), interleaved with the eager
+steps, so that the compiled / eager ratios are measured side by side too.
 
     python benchmarks/train_step.py --threads 1                       # the fashion-mnist preset
     python benchmarks/train_step.py --threads 1 --expand 2            # its Mamba at expand 2
@@ -111,24 +112,29 @@ def main():
           f"chunk {m.scan_chunk}\n")
     flops = {arch: step_flops(*s) for arch, s in setups.items()}
 
-    rows = []
+    # Every variant gets fresh models (so each starts alike), is warmed up (and compiled), and
+    # then all of them are timed in one interleaved loop: eager mvar, eager var, compiled mvar,
+    # ... step by step, so that a noisy machine slows every variant alike and the columns compare.
+    variants = {}
     for label in ["eager"] + args.compile:
-        if label != "eager":                      # fresh models, so each variant starts alike
-            setups = {arch: build(arch, args) for arch in setups}
-        nets = {arch: None if label == "eager" else compiled(s[0], label) for arch, s in setups.items()}
-        for arch, (model, opt, inputs, clip) in setups.items():
+        fresh = setups if label == "eager" else {arch: build(arch, args) for arch in setups}
+        variants[label] = {arch: (s, None if label == "eager" else compiled(s[0], label))
+                           for arch, s in fresh.items()}
+        for arch, ((model, opt, inputs, clip), net) in variants[label].items():
             t0 = time.perf_counter()
             for _ in range(2):                                # warm-up (and compilation)
-                step(model, opt, inputs, clip, nets[arch])
+                step(model, opt, inputs, clip, net)
             if label != "eager":
                 print(f"{label}: {arch} warm-up (compiling) took {time.perf_counter() - t0:.0f} s")
-        times = {arch: [] for arch in setups}
-        for _ in range(args.steps):                           # interleaved: mvar, var, mvar, ...
-            for arch, (model, opt, inputs, clip) in setups.items():
-                t0 = time.perf_counter()
-                step(model, opt, inputs, clip, nets[arch])
-                times[arch].append(time.perf_counter() - t0)
-        rows.append((label, {arch: statistics.median(t) for arch, t in times.items()}))
+    times = {(label, arch): [] for label, v in variants.items() for arch in v}
+    for _ in range(args.steps):
+        for (label, arch), ts in times.items():
+            (model, opt, inputs, clip), net = variants[label][arch]
+            t0 = time.perf_counter()
+            step(model, opt, inputs, clip, net)
+            ts.append(time.perf_counter() - t0)
+    rows = [(label, {arch: statistics.median(times[label, arch]) for arch in setups})
+            for label in variants]
 
     params = {arch: sum(p.numel() for p in s[0].parameters()) for arch, s in setups.items()}
     hdr = f"{'':9} {'params':>8} {'GFLOP/step':>10} {'ms/step':>8}"
@@ -142,6 +148,9 @@ def main():
         time_ratio = r["mvar"] / r["var"]
         print(f"  {label:8} step time {time_ratio:.2f}x  -> overhead (time ratio / FLOP ratio) "
               f"{time_ratio / flop_ratio:.2f}")
+    for label, r in rows[1:]:
+        print(f"  {label} compiled / eager: " + ", ".join(
+            f"{arch} {r[arch] / rows[0][1][arch]:.2f}x" for arch in setups))
 
     if args.profile:
         model, opt, inputs, clip = setups["mvar"]

@@ -363,3 +363,22 @@ def test_compare_scan_flags_a_version_that_computes_something_else(tmp_path):
     assert not any("disagree" in line for line in same)
     flagged = [line.split()[0] for line in broken if "disagree" in line]
     assert "exp(segsum)" in flagged and "scan" in flagged
+
+
+@pytest.mark.parametrize("L, chunk", [(150, 64), (88, 64), (40, 64)])
+def test_scan_benchmark_times_the_scans_own_matmuls(L, chunk):
+    """benchmarks/scan.py's "matmuls Q" rows claim to time ssd_scan_parallel's matmuls alone, at
+    its shapes. Counted by FlopCounterMode, the two do the same matmul work (L = 150: 3 chunks of
+    50; 88: 2 of 44; 40: one chunk shorter than chunk_size), and the script's floor counts it too."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scan as bench
+
+    b, h, p, n = 2, 4, 8, 16
+    with FlopCounterMode(display=False) as scan_count:
+        ssd_scan_parallel(*bench.make_inputs(b, L, h, p, n, "cpu", False), chunk_size=chunk)
+    with FlopCounterMode(display=False) as alone_count:
+        bench.matmuls_only(*(torch.randn(s) for s in bench.chunked_shapes(b, L, h, p, n, chunk)))
+    assert alone_count.get_total_flops() == scan_count.get_total_flops() > 0
+    fwd_floor, _ = bench.floors(b, L, h, p, n, chunk, rate=1.0, bw=float("inf"))
+    assert fwd_floor == scan_count.get_total_flops()
