@@ -2,10 +2,10 @@
 
 Prints, for each sequence length L and each method (loop = ssd_scan_sequential; chunk Q =
 ssd_scan_parallel with chunk_size Q; matmuls Q = its four matmuls alone, see below; with
---compile, compiled Q = ssd_scan_parallel under torch.compile), the median wall time and the peak memory of a forward pass
-(under torch.no_grad, as when sampling) and of a forward + backward pass (as in training), the
-loop / parallel ratios, and a lower bound ("floor") for the parallel scan on this machine, with
-how far above it each chunked case is.
+--compile, compiled Q = ssd_scan_parallel under torch.compile, its compilation not timed), the
+median wall time and the peak memory of a forward pass (under torch.no_grad, as when sampling)
+and of a forward + backward pass (as in training), the loop / parallel ratios, and a lower bound
+("floor") for the parallel scan on this machine, with how far above it each chunked case is.
 
     python benchmarks/scan.py                 # default: B=8 H=8 P=64 N=64 fp32, L=130,680,2240
     python benchmarks/scan.py --quick         # L=130,680, chunk 64 only, fewer repeats
