@@ -115,9 +115,11 @@ def main():
     # Every variant gets fresh models (so each starts alike), is warmed up (and compiled), and
     # then all of them are timed in one interleaved loop: eager mvar, eager var, compiled mvar,
     # ... step by step, so that a noisy machine slows every variant alike and the columns compare.
+    # Each round starts one place further along that list, so that no variant always follows the
+    # same one.
     variants = {}
     for label in ["eager"] + args.compile:
-        fresh = setups if label == "eager" else {arch: build(arch, args) for arch in setups}
+        fresh = {arch: build(arch, args) for arch in setups}
         variants[label] = {arch: (s, None if label == "eager" else compiled(s[0], label))
                            for arch, s in fresh.items()}
         for arch, ((model, opt, inputs, clip), net) in variants[label].items():
@@ -127,9 +129,11 @@ def main():
             if label != "eager":
                 print(f"{label}: {arch} warm-up (compiling) took {time.perf_counter() - t0:.0f} s")
     times = {(label, arch): [] for label, v in variants.items() for arch in v}
-    for _ in range(args.steps):
-        for (label, arch), ts in times.items():
+    order = list(times)
+    for i in range(args.steps):
+        for label, arch in order[i % len(order):] + order[:i % len(order)]:
             (model, opt, inputs, clip), net = variants[label][arch]
+            ts = times[label, arch]
             t0 = time.perf_counter()
             step(model, opt, inputs, clip, net)
             ts.append(time.perf_counter() - t0)
