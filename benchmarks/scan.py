@@ -41,13 +41,13 @@ state per step for autograd (B*H*P*N*4*L bytes: the memory column).
 
 The floor assumes every matmul runs at the rate of one large (1024 x 1024) matmul. The scan's
 matmuls are thousands of small ones (at L = 680 with chunk 64: one per sequence, head and chunk
-in each of three steps, such as (62 x 62) @ (62 x 64)), which run slower. So the table also times "matmuls Q": the same four matmuls at the same shapes and
-nothing else, on random tensors already laid out in chunks. chunk Q / matmuls Q is then what the
-elementwise work around the matmuls costs (decays, masks, padding, layout copies); matmuls Q /
-floor, what the small matmuls cost beyond the floor's large-matmul rate.
-The matmuls and compiled cases are warmed up at full size (the compiled one compiles for its
-shapes), so their memory column would count only what the allocator did not already hold: it is
-left out ("-").
+in each of three steps, such as (62 x 62) @ (62 x 64)), which run slower. So the table also
+times "matmuls Q": the same four matmuls at the same shapes and nothing else, on random tensors
+already laid out in chunks. chunk Q / matmuls Q is then what the elementwise work around the
+matmuls costs (decays, masks, padding, layout copies); matmuls Q / floor, what the small matmuls
+cost beyond the floor's large-matmul rate. The matmuls and compiled cases are warmed up at full
+size (the compiled one compiles for its shapes), so their memory column would count only what
+the allocator did not already hold: it is left out ("-").
 
 Allocator. Buffers above glibc's mmap threshold (at most 32 MB) are fresh pages from the kernel on
 every allocation, and page faults can dominate; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 makes
@@ -83,11 +83,16 @@ def make_inputs(b, l, h, p, n, device, requires_grad):
     return [t.to(device).requires_grad_(requires_grad) for t in (x, dt, A, B, C, D)]
 
 
-def chunked_shapes(b, l, h, p, n, q):
-    """The shapes ssd_scan_parallel multiplies, as it cuts L into c chunks of Q <= q tokens:
-    C, B (per group), decay (the (Q, Q) mix per head), dt x, B and C scaled per head, h_in."""
+def chunk_cut(l, q):
+    """How ssd_scan_parallel cuts L tokens for chunk_size q: c equal chunks of Q <= q. -> (c, Q)"""
     c = -(-l // q)
-    q = -(-l // c)
+    return c, -(-l // c)
+
+
+def chunked_shapes(b, l, h, p, n, q):
+    """The shapes ssd_scan_parallel multiplies, in c chunks of Q tokens (chunk_cut): C, B (per
+    group), decay (the (Q, Q) mix per head), dt x, B and C scaled per head, h_in."""
+    c, q = chunk_cut(l, q)
     return [(b, 1, 1, c, q, n), (b, 1, 1, c, q, n), (b, 1, h, c, q, q), (b, 1, h, c, q, p),
             (b, 1, h, c, q, n), (b, 1, h, c, q, n), (b, 1, h, c, p, n)]
 
@@ -193,8 +198,7 @@ def measure_machine(device, threads):
 
 def floors(b, l, h, p, n, q, rate, bw):
     """(fwd, fwd+bwd) lower-bound seconds for the chunked algorithm with chunk q."""
-    c = -(-l // q)                                           # chunks, as ssd_scan_parallel
-    q = -(-l // c)                                           # cuts them: equal, at most q long
+    c, q = chunk_cut(l, q)
     lp = c * q                                               # padded length
     flops = 2 * b * lp * q * n + 2 * b * h * lp * q * p + 2 * 2 * b * h * lp * p * n
     io = 4 * (2 * b * l * h * p + b * l * h + 2 * b * l * n)
@@ -253,8 +257,9 @@ def main():
         res = {}
         for name, kind, q in methods:
             for mode in ("fwd", "fwd+bwd"):
-                case = dict(L=l, kind=kind, chunk=q, mode=mode, b=b, h=h, p=p, n=n, device=args.device,
-                            threads=args.threads, repeats=args.repeats, budget_s=args.budget)
+                case = dict(L=l, kind=kind, chunk=q, mode=mode, b=b, h=h, p=p, n=n,
+                            device=args.device, threads=args.threads, repeats=args.repeats,
+                            budget_s=args.budget)
                 try:
                     out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
                                          capture_output=True, text=True, check=True,
@@ -274,15 +279,15 @@ def table_row(l, name, q, res, floor):
         return (">" if r["peak_bytes"] is None else "") + f"{r['median_s'] * 1e3:.1f}"
 
     def mb(r):
-        if r["peak_bytes"] is None or r["peak_bytes"] < 0:
-            return "?" if r["peak_bytes"] is None else "-"
-        return f"{r['peak_bytes'] / 2**20:.0f}"
+        if r["peak_bytes"] is None:
+            return "?"
+        return "-" if r["peak_bytes"] < 0 else f"{r['peak_bytes'] / 2**20:.0f}"
 
     def ratio(loop, this, key):
         stopped_loop, stopped_this = loop["peak_bytes"] is None, this["peak_bytes"] is None
         if stopped_this or (stopped_loop and key == "peak_bytes"):
             return "?"
-        if this[key] <= 0:                       # memory not reported for this case
+        if key == "peak_bytes" and this[key] < 0:       # memory not reported for this case
             return "-"
         return (">" if stopped_loop else "") + f"{loop[key] / max(this[key], 1e-9):.1f}x"
 

@@ -16,7 +16,7 @@ train.py takes (teacher-forced forward, cross-entropy, backward, grad clip, Adam
 Mamba's settings can be changed to see what they cost (--d_state, --headdim, --expand, which
 train.py also takes); --compile model mamba also times both models under torch.compile (all of it, or
 only the Mamba layers; the first steps, which compile, are not timed), interleaved with the eager
-steps, so that the compiled / eager ratios are measured side by side too.
+steps in a rotating order, so that the compiled / eager ratios are measured side by side too.
 
     python benchmarks/train_step.py --threads 1                       # the fashion-mnist preset
     python benchmarks/train_step.py --threads 1 --expand 2            # its Mamba at expand 2
@@ -133,10 +133,9 @@ def main():
     for i in range(args.steps):
         for label, arch in order[i % len(order):] + order[:i % len(order)]:
             (model, opt, inputs, clip), net = variants[label][arch]
-            ts = times[label, arch]
             t0 = time.perf_counter()
             step(model, opt, inputs, clip, net)
-            ts.append(time.perf_counter() - t0)
+            times[label, arch].append(time.perf_counter() - t0)
     rows = [(label, {arch: statistics.median(times[label, arch]) for arch in setups})
             for label in variants]
 
