@@ -3,7 +3,7 @@
 A change to mvar.py's scan is often worth 10-20%, and on a shared or virtual machine two runs of
 benchmarks/scan.py a minute apart differ by about as much. So this script imports both versions
 of mvar.py into one process and times them interleaved (one call of each, taking turns to go
-first, 21 times; the median of each), so that a slow moment of the machine slows both alike. It
+first, --reps times (21); the median of each), so that a slow moment of the machine slows both alike. It
 prints each case's two medians and their ratio, and the largest relative difference between
 the two versions' outputs and gradients (flagged above 1e-4: a speed-up must not change them).
 For the scan it also prints the floor of benchmarks/scan.py (max(FLOPs / matmul rate, bytes /
@@ -16,7 +16,7 @@ from it.
 
 Cases (fp32, random inputs, chunk 64): exp(segsum(a)) alone at the shape the scan gives it for
 L = 680 (8, 1, 8, 11 chunks, 62); the scan alone at the 256px pyramid's L = 680 (B=8, H=8, P=64,
-N=64) and at the fashion-mnist preset's L = 88 (B=32, H=8, P=32, N=16); forward and forward +
+N=64) and at the fashion-mnist preset's L = 88 (B=32, H=4, P=32, N=16: width 128, expand 1); forward and forward +
 backward (gradients of all five inputs, as in training); and a whole Mamba2 layer with the
 preset's sizes (width 128, d_state 16, headdim 32, expand 1) forward + backward at L = 88.
 Run it two or three times: the ratio is what should repeat.
@@ -105,13 +105,13 @@ def main():
     layers["this"].load_state_dict(layers["baseline"].state_dict())
     rate, bw = measure_machine("cpu", args.threads)
     floor680, floor88 = (floors(*shape, 64, rate, bw) for shape in [(8, 680, 8, 64, 64),
-                                                                    (32, 88, 8, 32, 16)])
+                                                                    (32, 88, 4, 32, 16)])
     cases = [("exp(segsum) L=680 fwd", segsum_case(versions, False), None),   # name, run, floor
              ("exp(segsum) L=680 fwd+bwd", segsum_case(versions, True), None),
              ("scan L=680 fwd", scan_case(versions, 8, 680, 8, 64, 64, False), floor680[0]),
              ("scan L=680 fwd+bwd", scan_case(versions, 8, 680, 8, 64, 64, True), floor680[1]),
-             ("scan L=88 fwd", scan_case(versions, 32, 88, 8, 32, 16, False), floor88[0]),
-             ("scan L=88 fwd+bwd", scan_case(versions, 32, 88, 8, 32, 16, True), floor88[1]),
+             ("scan L=88 fwd", scan_case(versions, 32, 88, 4, 32, 16, False), floor88[0]),
+             ("scan L=88 fwd+bwd", scan_case(versions, 32, 88, 4, 32, 16, True), floor88[1]),
              ("Mamba2 layer L=88 fwd+bwd", layer_case(layers, torch.randn(32, 88, 128)), None)]
 
     print(f"baseline: {args.baseline.resolve()}   threads {args.threads}, {args.reps} interleaved "

@@ -1,4 +1,4 @@
-"""Sampling cost of M-VAR vs VAR, measured side by side (issue 4; README "Sampling speed").
+"""Sampling cost of M-VAR vs VAR, measured side by side (README "Measured results").
 
 For the 256px pyramid (10 scales, L=680) and the 512px one (L=2240), at one small equal
 depth/width, this prints per method: parameters, attention query-key pairs per layer, the

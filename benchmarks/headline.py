@@ -21,7 +21,8 @@ Settings (the full run; each pair's time ratio and whether "fewer params and fas
     python benchmarks/headline.py --settings 256px:16:16 --batches 16     # one pair, one batch size
     python benchmarks/headline.py --device cuda
 
-The d30 model alone holds 8 GB of fp32 weights; the full table needs ~16 GB of free memory.
+The d30 model alone holds 7.5 GB of fp32 weights; the full table needs about 20 GB of free memory
+(VAR-d30 at batch 16 added 11.5 GB while sampling, benchmarks/RESULTS.md).
 Time is one sampling run after a one-image warm-up (--repeats for the median of more).
 """
 import argparse

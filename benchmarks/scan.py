@@ -11,6 +11,7 @@ and of a forward + backward pass (as in training), the loop / parallel ratios, a
     python benchmarks/scan.py --quick         # L=130,680, chunk 64 only, fewer repeats
     python benchmarks/scan.py --threads 1     # fairer on a machine shared with other jobs
     python benchmarks/scan.py --quick --compile   # + the scan under torch.compile
+    python benchmarks/scan.py --lengths 680 --chunks 32 64   # chosen lengths and chunk sizes
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/scan.py   # see "Allocator" below
 
 Time: median of up to --repeats runs after one untimed run; a case stops repeating once it has

@@ -21,6 +21,7 @@ steps in a rotating order, so that the compiled / eager ratios are measured side
     python benchmarks/train_step.py --threads 1                       # the fashion-mnist preset
     python benchmarks/train_step.py --threads 1 --expand 2            # its Mamba at expand 2
     python benchmarks/train_step.py --threads 1 --compile model mamba
+    python benchmarks/train_step.py --threads 1 --steps 60            # the median of 60 steps
     python benchmarks/train_step.py --preset cifar10 --batch 16 --threads 2
 """
 import argparse
