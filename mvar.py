@@ -20,8 +20,9 @@ except L, which stays L there so as not to read as l):
   G    groups of SSM heads sharing the SSM's B and C (r = H / G heads per group)
   Q    chunk length of the parallel scan     c     chunk index / number of chunks
 L is also the length of any sequence given to a scan or a Mamba layer. B and C also name the SSM's
-input and output matrices, as in the papers. The scan's comments add i, j: positions in a chunk
-(i receives, j sends), and m: a chunk, in the chunk-to-chunk step.
+input and output matrices, as in the papers. The scan's comments add i, j: token positions (i receives, j
+sends; in the sequence, or, in the steps of the chunked scan, in a chunk, counted from 0 in each
+one), and m: a chunk, in the chunk-to-chunk step.
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
@@ -41,7 +42,10 @@ Map 2, the official code's names to this file's (state-dict keys are the officia
   SelfAttention                                     ScaleAttention
   Mamba2, RMSNormGated (mamba_ssm)                  Mamba2, GatedRMSNorm
   mamba_chunk_scan_combined (mamba_ssm kernel)      ssd_scan_parallel
-  ssd_minimal_discrete, segsum_unstable (listing)   ssd_scan_parallel, segsum
+  ssd_minimal_discrete, segsum_unstable (listing)   ssd_scan_parallel, segsum (the listing takes
+                                                    x*dt and A*dt, not x, dt, A; and passes
+                                                    states on with one more exp(segsum) matmul
+                                                    where this file loops over the chunks)
   selective_state_update (one decoding step)        ssd_scan_sequential with L = 1
   autoregressive_infer_cfg                          MVAR.sample_tokens
   init_weights                                      MVAR._init_weights
@@ -141,7 +145,8 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     by chunk with matmuls; chunk_size caps the chunk length Q (below: Q = ceil(L / c) for the
     c = ceil(L / chunk_size) chunks, so that there is almost no padding).
 
-    Unroll the recurrence: with a_t = dt_t * A (the log of step t's decay, <= 0),
+    Unroll the recurrence: with a_t = dt_t * A (the log of step t's decay, <= 0), and i, j
+    positions in the sequence (from 0),
 
         y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) * (C_i . B_j) * dt_j x_j
               + exp(a_0 + ... + a_i) * initial_state @ C_i  +  D x_i.
@@ -153,7 +158,8 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
       2. the state at each chunk's end from that chunk's own tokens (one matmul),
       3. a short loop over the c chunk states to pass them on from chunk to chunk,
       4. the carried-in state's contribution to every token of the chunk (one matmul).
-    Steps 1, 2 and 4 are matmuls over all chunks at once; step 3 touches only c states.
+    Steps 1, 2 and 4 are matmuls over all chunks at once; step 3 touches only c states. (In the
+    steps' comments below, i and j count from 0 inside each chunk.)
     Work is O(L Q P + L P N) per head plus O(L Q N) per group (C B^T), and no (b, L, H, P, N)
     tensor is ever built.
 
@@ -259,7 +265,8 @@ def _check_scan_inputs(x, dt, A, B, C, D, initial_state):
 # released checkpoints load into it. The layer is causal, and everything it remembers about the
 # past is a small state: the last d_conv - 1 inputs of the convolution and the SSM state. Passing
 # that state between calls lets the sampler feed one scale at a time (or one token at a time)
-# and get exactly what the whole-sequence forward pass gives.
+# and get what the whole-sequence forward pass gives (equal up to float round-off: the pieces are
+# chunked differently).
 
 
 class Mamba2State(NamedTuple):
