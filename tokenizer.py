@@ -162,12 +162,14 @@ def phi_index(k: int, K: int, n_phi: int) -> int:
     """Which of the n_phi shared phi convs scale k (of K) uses: VAR's PhiPartiallyShared.
 
     VAR's paper has one conv per scale; its code shares n_phi = 4 among the K scales. Conv i owns
-    a tick in [0, 1]; scale k sits at k/(K-1) and takes the nearest tick, the first one on a tie
-    (like numpy.argmin). Ticks are linspace(1/(3n), 1-1/(3n), n) for n == 4, else
-    linspace(1/(2n), 1-1/(2n), n). For K=10, n=4: 0,0,1,1,1,2,2,3,3,3.
-    Rounding decides: k=2 of 10 is an exact tie on paper (|2/9 - 1/12| == |2/9 - 13/36|) that
-    float64 breaks towards conv 1 (float32 would move k=7 too), so the ticks are Python float64s
-    built as numpy.linspace builds them (start + i*step, the last one set to stop).
+    a tick in [0, 1]; scale k sits at k/(K-1) and takes the nearest tick (the first one on an
+    exact float tie, like numpy.argmin). Ticks are linspace(1/(3n), 1-1/(3n), n) for n == 4, else
+    linspace(1/(2n), 1-1/(2n), n). For n = 4: K=10 gives 0,0,1,1,1,2,2,3,3,3; K=7 (the 32px
+    preset) 0,0,1,2,2,3,3; K=5 (the fashion-mnist preset) 0,1,2,2,3.
+    Rounding decides: on paper some scales sit exactly halfway between two ticks (k=2 and k=7 of
+    10, e.g. |2/9 - 1/12| == |2/9 - 13/36|; k=3 of 7; k=2 of 5), and float64 sends each to the
+    later conv, so the ticks are Python float64s built as numpy.linspace builds them (start +
+    i*step, the last one set to stop).
     """
     if n_phi == 1:
         return 0
@@ -261,12 +263,14 @@ class MultiScaleVQVAE(nn.Module):
         Bicubic upsampling to the latent size, except at the last scale, which is already full
         size (VAR skips the no-op resize). Encoding, decoding, teacher forcing and sampling all
         go through this one function and add its output to f_hat in the same order, so they
-        agree bit for bit.
+        agree bit for bit. Always in the codebook's dtype (float32), with autocast off: training
+        builds its teacher input outside autocast, while validation and sampling run under it.
         """
         cfg = self.cfg
-        if k != len(cfg.patch_nums) - 1:
-            z_k = F.interpolate(z_k, size=(cfg.latent_size, cfg.latent_size), mode="bicubic")
-        return self.quantize.phi(k)(z_k)
+        with torch.autocast(z_k.device.type, enabled=False):
+            if k != len(cfg.patch_nums) - 1:
+                z_k = F.interpolate(z_k, size=(cfg.latent_size, cfg.latent_size), mode="bicubic")
+            return self.quantize.phi(k)(z_k)
 
     def _zeros_fhat(self, B: int) -> torch.Tensor:
         """The empty reconstruction f_hat = 0, (B, Cvae, h, w), before any scale is added."""
@@ -375,7 +379,7 @@ class MultiScaleVQVAE(nn.Module):
             recon    (B, Cimg, S, S) decoder output, NOT clamped (use it in the pixel loss)
             vq_loss  scalar; the caller adds the pixel loss, e.g.
                      loss = F.l1_loss(recon, img) + F.mse_loss(recon, img) + vq_loss
-            stats    this batch's code usage per scale, {"hits" (K, V), "used" (K,), "perplexity"
+            stats    this batch's code usage per scale (under DDP training: all ranks' batches), {"hits" (K, V), "used" (K,), "perplexity"
                      (K,)} (see code_usage), and "restarted": the dead codes restarted now
         VAR §3.1 Eq. 5 trains with ||x - x'|| + ||f - f_hat|| + perceptual and GAN losses. Here the
         vq_loss stands for ||f - f_hat||, and the pixel loss is the caller's (train.py: L1 + L2; no
@@ -612,7 +616,7 @@ def _usage_stats(hits_KV: torch.Tensor) -> dict:
 
 def code_usage(idx_lists, vocab_size: int) -> dict:
     """Per-scale codebook usage over a dataset. idx_lists: one list of K LongTensors (B, pn_k^2)
-    (e.g. from img_to_idx), or an iterable of such lists (one per batch). Returns {"hits": (K, V)
+    (e.g. from img_to_idx), or a list of such lists (one per batch). Returns {"hits": (K, V)
     float counts, "used": (K,) distinct codes per scale, "perplexity": (K,)}.
     """
     if len(idx_lists) and torch.is_tensor(idx_lists[0]):
@@ -648,8 +652,9 @@ def _check_config(cfg: TokenizerConfig) -> None:
     for name in ("image_size", "in_channels", "ch", "num_res_blocks", "z_channels", "vocab_size"):
         need(int(getattr(cfg, name)) >= 1, f"{name} must be a positive integer, got {getattr(cfg, name)}")
     need(cfg.ch_mult and min(cfg.ch_mult) >= 1, f"ch_mult must be positive integers, got {cfg.ch_mult}")
-    need(all(cfg.ch * m % 32 == 0 for m in cfg.ch_mult), f"ch * ch_mult[i] must be divisible by 32 "
-         f"(GroupNorm uses 32 groups); got ch={cfg.ch}, ch_mult={cfg.ch_mult}")
+    need(all(c % 32 == 0 for c in (cfg.ch, *(cfg.ch * m for m in cfg.ch_mult))), f"ch and every "
+         f"ch * ch_mult[i] must be divisible by 32 (GroupNorm uses 32 groups); got ch={cfg.ch}, "
+         f"ch_mult={cfg.ch_mult}")
     f = 2 ** (len(cfg.ch_mult) - 1)
     need(cfg.image_size % f == 0, f"image_size={cfg.image_size} must be divisible by "
          f"2**(len(ch_mult)-1)={f} (ch_mult={cfg.ch_mult}); pad or resize the images, or use fewer levels")

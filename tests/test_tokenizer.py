@@ -256,6 +256,20 @@ def test_next_input_reproduces_teacher_input_exactly():
         assert torch.equal(f_hat, model.idx_to_fhat(idx))
 
 
+def test_teacher_input_and_sampling_step_ignore_autocast():
+    """Training builds the teacher input outside autocast; validation and sampling run under it
+    (bf16 on a GPU). The phi convs must give the same float32 result either way."""
+    model = tiny_model()
+    idx = random_idx(model.cfg)
+    with torch.no_grad():
+        teacher = model.idx_to_teacher_input(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            teacher_amp = model.idx_to_teacher_input(idx)
+            f_hat_amp = model.idx_to_fhat(idx)
+        assert teacher_amp.dtype == torch.float32 and torch.equal(teacher_amp, teacher)
+        assert torch.equal(f_hat_amp, model.idx_to_fhat(idx))
+
+
 # ---------------------------------------------------------------------------------------------
 # training pass: losses, straight-through gradient, usage statistics, dead-code restart
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +466,7 @@ def test_wrong_image_size_and_channels_are_clear_errors():
     (dict(patch_nums=(0, 2, 8)), "positive"),
     (dict(image_size=17), r"image_size=17 must be divisible by 2\*\*\(len\(ch_mult\)-1\)=2"),
     (dict(ch=48), "divisible by 32"),
+    (dict(ch=16, ch_mult=(2, 2)), r"ch and every ch \* ch_mult\[i\] must be divisible by 32"),
     (dict(share_quant_resi=9), "share_quant_resi"),
     (dict(share_quant_resi=6, patch_nums=(1, 2, 3, 4, 5, 6, 8)), r"leaves phi conv\(s\) \[4\] unused"),
     (dict(quant_resi=1.5), "quant_resi"),
