@@ -49,7 +49,8 @@ Map 2, the official code's names to this file's (state-dict keys are the officia
   selective_state_update (one decoding step)        ssd_scan_sequential with L = 1
   autoregressive_infer_cfg                          MVAR.sample_tokens
   init_weights                                      MVAR._init_weights
-  sample_with_top_k_top_p_, gumbel_softmax_with_rng sample_top_k_top_p, gumbel_softmax
+  sample_with_top_k_top_p_, gumbel_softmax_with_rng top_k_top_p_filter, sample_top_k_top_p,
+                                                    gumbel_softmax
   DropPath                                          Block.adaln's gate
 The tokenizer side of the official code (idxBl_to_var_input, get_next_autoregressive_input,
 f_to_idxBl_or_fhat) lives in tokenizer.py. Left out: mamba_ssm's fused GPU kernels (everything
@@ -754,8 +755,9 @@ class MVAR(nn.Module):
                 t = cfg_scale * ratio
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             if more_smooth:   # soft (gumbel-softmax) code mixture: smoother pictures, not for FID
-                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                probs = gumbel_softmax(logits * (1 + ratio), tau, generator)
+                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)     # over the top-k / top-p tokens,
+                kept = top_k_top_p_filter(logits, top_k, top_p)  # as in the official sampler
+                probs = gumbel_softmax(kept * (1 + ratio), tau, generator)
                 z_k = probs @ tokenizer.quantize.embedding.weight              # (B, l, Cvae)
                 z_k = rearrange(z_k, "b (row col) cvae -> b cvae row col", row=pn)
                 idx = probs.argmax(-1)
@@ -792,7 +794,7 @@ class MVAR(nn.Module):
         if labels.dtype not in (torch.int64, torch.int32) or labels.ndim != 1:
             raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() > top):
-            raise ValueError(f"class labels must be in [0, {cfg.num_classes - 1}] (num_classes = "
+            raise ValueError(f"class labels must be in [0, {top}] (num_classes = "
                              f"{cfg.num_classes}); got {labels.min().item()} .. {labels.max().item()}")
         want = (cfg.seq_len - cfg.patch_nums[0] ** 2, cfg.Cvae)
         if teacher_input is not None and teacher_input.shape[1:] != want:
@@ -811,11 +813,11 @@ class MVAR(nn.Module):
 # =====================================================================================
 
 
-def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
-    """Draw one token per position. logits: (B, l, V) -> (B, l) LongTensor.
+def top_k_top_p_filter(logits, top_k=0, top_p=0.0):
+    """logits (B, l, V) -> a float32 copy with the excluded tokens at -inf.
     top_k > 0 keeps the k most likely tokens; 0 < top_p < 1 keeps the smallest set of most
     likely tokens whose probability reaches top_p (always at least the most likely one)."""
-    B, l, V = logits.shape
+    V = logits.shape[-1]
     logits = logits.float().clone()
     if top_k > 0:
         kth_best = logits.topk(min(top_k, V), dim=-1).values[..., -1:]
@@ -826,7 +828,14 @@ def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
         # drop a token when the tokens *before* it already reach top_p: the best one stays
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
         logits.scatter_(-1, order, sorted_logits.masked_fill(drop_sorted, -math.inf))
-    return torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(B, l)
+    return logits
+
+
+def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
+    """Draw one token per position from the filtered logits. (B, l, V) -> (B, l) LongTensor."""
+    B, l, _ = logits.shape
+    probs = top_k_top_p_filter(logits, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, l)
 
 
 def gumbel_softmax(logits, tau, generator=None):

@@ -133,11 +133,11 @@ class TrainConfig:
     grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
     base_lr: float = _f(4e-3, "generator lr per 256 images: peak lr = base_lr * gen_batch / 256")
     gen_epochs: float = _f(10.0, "generator training epochs")
-    warmup_frac: float = _f(0.02, "fraction of steps spent in linear warm-up (VAR: ep/50)")
-    end_lr_ratio: float = _f(0.1, "final lr / peak lr at the end of the linear decay (VAR's wpe)")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, pos/level embeddings)")
+    warmup_frac: float = _f(0.02, "fraction of steps spent in linear warm-up, both stages (VAR: ep/50)")
+    end_lr_ratio: float = _f(0.1, "final lr / peak lr at the end of the linear decay, both stages (VAR's wpe)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, pos/level embeddings, attention temperature, Mamba's dt_bias/A_log/D)")
     weight_decay_end: float = _f(0.05, "weight decay at the end (cosine from weight_decay; VAR's twde)")
-    grad_clip: float = _f(2.0, "gradient-norm clip")
+    grad_clip: float = _f(2.0, "gradient-norm clip, both stages")
     alng: float = _f(1e-3, "AdaLN gate init scale (VAR: 1e-3 for d12-d20, 1e-4 d24, 1e-5 d30)")
     drop_path: float = _f(-1.0, "max drop-path rate (-1 = 0.1*depth/24, the VAR rule)")
     cond_drop: float = _f(0.1, "probability of replacing the class by the null class (for CFG)")
@@ -223,7 +223,7 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float, end_ratio: flo
     end_ratio * peak at the last step (VAR's schedule, without its 5% plateau).
 
     Warm-up step s (0-based) uses peak * (s+1)/W, so step 0 already moves and step W-1 reaches
-    the peak; the decay runs from step W (peak) to step total-1 (end_ratio * peak).
+    the peak (VAR's warm-up starts from 0.005 * peak instead, and reaches it one step later); the decay runs from step W (peak) to step total-1 (end_ratio * peak).
     """
     warm = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
     if step < warm:
@@ -245,7 +245,8 @@ NO_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW's two groups: weight matrices (decayed) and everything in NO_DECAY_KEYS (not)."""
+    """AdamW's two groups: weight matrices (decayed), and (not decayed) every parameter with
+    ndim <= 1, marked `_no_weight_decay`, or named in NO_DECAY_KEYS (see the comment above)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -302,24 +303,27 @@ def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -
     total = max(1, round(cfg.tok_epochs * sampler.steps_per_epoch))
     torch.manual_seed(cfg.seed * 1000 + d.rank)        # per-rank stream (dead-code restarts)
     step, history = 0, []
+    amp_dtype, scaler = amp_setup(cfg, d.device)
     if path.exists():
         ck = load_checkpoint(path, "tokenizer")
         check_same_run(ck["config"]["train"], dataclasses.asdict(cfg), path, STAGE1_FIELDS)
         load_tokenizer_state(model, ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if scaler and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         step, history = ck["step"], ck["history"]
         restore_rng(ck["rng"])
         d.print(f"stage 1: resuming {path} at step {step}/{total}")
     if step >= total:
         return model.eval().requires_grad_(False)
-    amp_dtype, scaler = amp_setup(cfg, d.device)
     net = wrap_ddp(model, d)
     preview = torch.stack([test_ds[i][0] for i in range(min(8, len(test_ds)))]).to(d.device)
 
     def checkpoint(done):
         rng = gather_rng()
         if d.is_main:
-            save_checkpoint(tokenizer_payload(cfg, model, opt, step, total, rng, history, done), path)
+            save_checkpoint(tokenizer_payload(cfg, model, opt, step, total, rng, history, done,
+                                              scaler=scaler.state_dict() if scaler else {}), path)
 
     def recon_grid():                                  # originals above, reconstructions below
         if d.is_main:
@@ -443,10 +447,10 @@ def encode_images(tokenizer: MultiScaleVQVAE, ds, indices, batch: int, device, f
 
 
 def token_cache(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE) -> dict:
-    """RUN/tokens.pt, built by encode_images and kept while the tokenizer file (by sha256) and
-    the data settings stay the same (the file handling is data.cached_tokens)."""
+    """RUN/tokens.pt, built by encode_images and kept while the tokenizer file (by sha256), the
+    data settings and --data_dir stay the same (the file handling is data.cached_tokens)."""
     identity = {"tokenizer_sha256": file_digest(Path(cfg.out_dir) / "tokenizer.pt"),
-                "data": {k: getattr(cfg, k) for k in DATA_FIELDS},
+                "data": {k: getattr(cfg, k) for k in DATA_FIELDS + ("data_dir",)},
                 "patch_nums": list(tokenizer.cfg.patch_nums)}
 
     def encode_split(split, rank, world):

@@ -169,6 +169,19 @@ def test_generate_is_seeded_and_decodes_in_unit_range(tokenizer):
     torch.testing.assert_close(steps[-1], images)
 
 
+def test_more_smooth_mixes_only_the_top_k_top_p_tokens(tokenizer):
+    """As in the official sampler, the gumbel mixture of more_smooth runs over the tokens that
+    top-k / top-p keep: with top_k = 1 it is the greedy sample, whatever the noise."""
+    model = tiny_model("mvar")
+    labels = torch.tensor([0, 2, 4])
+    greedy = model.sample_tokens(tokenizer, labels, top_k=1, generator=torch.Generator().manual_seed(0))
+    smooth = model.sample_tokens(tokenizer, labels, top_k=1, more_smooth=True,
+                                 generator=torch.Generator().manual_seed(1))
+    for a, b in zip(greedy["idx"], smooth["idx"]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(smooth["f_hat"], greedy["f_hat"])
+
+
 def test_generate_rejects_bad_labels_and_mismatched_tokenizer(tokenizer):
     model = tiny_model("mvar")
     with pytest.raises(ValueError, match=r"class labels must be in \[0, 4\]"):

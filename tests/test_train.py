@@ -373,6 +373,9 @@ def test_token_cache_rebuilt_for_another_tokenizer(tmp_path):
                                                        for i in range(16)])), 1)
         assert torch.equal(caches[-1]["test"]["idx"].long(), expect)
     assert caches[0]["identity"] != caches[1]["identity"]
+    # another --data_dir (other images, same settings) is another cache too
+    moved = train.token_cache(dataclasses.replace(cfg, data_dir=str(tmp_path / "elsewhere")), d, tok)
+    assert moved["identity"] != caches[1]["identity"]
 
 
 def test_load_generator_rebuilds_the_trained_model(full_run):
