@@ -19,10 +19,11 @@ except L, which stays L there so as not to read as l):
   P    channels per SSM head (headdim)       N     SSM state size (d_state)
   G    groups of SSM heads sharing the SSM's B and C (r = H / G heads per group)
   Q    chunk length of the parallel scan     c     chunk index / number of chunks
-L is also the length of any sequence given to a scan or a Mamba layer. B and C also name the SSM's
-input and output matrices, as in the papers. The scan's comments add i, j: token positions (i receives, j
-sends; in the sequence, or, in the steps of the chunked scan, in a chunk, counted from 0 in each
-one), and m: a chunk, in the chunk-to-chunk step.
+Cimg, S (image channels and side) and h, w (latent size) are tokenizer.py's. L is also the length
+of any sequence given to a scan or a Mamba layer. B and C also name the SSM's input and output
+matrices, as in the papers. The scan's comments add i, j: token positions (i receives, j sends;
+in the sequence, or, in the steps of the chunked scan, in a chunk, counted from 0 in each one),
+and m: a chunk, in the chunk-to-chunk step.
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
@@ -478,7 +479,8 @@ class ScaleAttention(nn.Module):
     """Multi-head self-attention evaluated scale by scale; H heads of d = C / H channels each.
 
     Parameter names follow VAR / M-VAR checkpoints: `mat_qkv` (no bias), `q_bias`, `v_bias`
-    (k has no bias: a constant added to every key cancels in the softmax), `proj`, and with
+    (k has no bias: without l2_norm a constant added to every key cancels in the softmax; VAR keeps
+    k bias-free with l2_norm too), `proj`, and with
     `l2_norm` the learned per-head log-temperature `scale_mul_1H11`.
     """
 
@@ -727,9 +729,11 @@ class MVAR(nn.Module):
         more work). The official sampler's choices stay: CFG with a strength ramped linearly
         over the scales, top-k / top-p, and the gumbel "more smooth" mode for pictures.
 
-        Returns a dict: "idx" list of K (B, l) token maps, "f_hat" (B, Cvae, h, w) after the last
-        scale's pn, and if asked "scales" (the f_hat after each scale) and "logits" (per scale,
-        the raw logits: (2B, l, V), conditional and null halves, when cfg_scale > 0, else (B, l, V))."""
+        Returns a dict: "idx" list of K (B, l) token maps (with more_smooth, the most likely code of
+        each soft mixture; f_hat is built from the mixtures, not from these ids), "f_hat"
+        (B, Cvae, h, w) after the last scale, and if asked "scales" (the f_hat after each scale)
+        and "logits" (per scale, the raw logits: (2B, l, V), conditional and null halves, when
+        cfg_scale > 0, else (B, l, V))."""
         cfg = self.cfg
         self._check_inputs(labels, allow_null=False, tokenizer=tokenizer, mamba_mode=mamba_mode)
         rerun = mamba_mode == "rerun" and cfg.arch == "mvar"
