@@ -136,8 +136,9 @@ def class_spread(f: torch.Tensor, y: torch.Tensor, M: int) -> torch.Tensor:
 
 
 def train_classifier(x, y, num_classes: int, steps: int, device, seed: int = 0, batch: int = 128):
-    """`steps` Adam steps on random batches, cosine learning rate, light augmentation (random
-    2-pixel shifts, so the classifier does not depend on exact positions).
+    """`steps` Adam steps on random batches, cosine learning rate, light augmentation (each
+    batch shifted by a random -2..2 pixels in each direction, wrapping around, so the classifier
+    does not depend on exact positions).
     x (N, C, H, W), y (N,) -> SmallCNN. A fixed step count (not epochs) gives a small
     dataset as much training as a big one."""
     g = torch.Generator().manual_seed(seed)
