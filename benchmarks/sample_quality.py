@@ -26,7 +26,7 @@ Classifier weights are cached in the folder of the first checkpoint given (class
 and reused while the data settings are unchanged (copy the file to score other run folders with
 the same classifier); the results go to sample_quality.json there (tokenizer_quality.json for
 --tokenizer). Sampling uses the checkpoint's cfg / top-k / top-p unless overridden, and a
-fixed seed.
+fixed seed (--sample_seed draws other samples for the same classifier: the table's noise).
 
     python benchmarks/sample_quality.py --ckpt runs/tiny/mvar.pt --ckpt2 runs/tiny/var.pt
     python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --per_class 50 --cfg 2
@@ -213,7 +213,7 @@ def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, de
             ("tokenizer reconstructions", feats(reconstruct(tok, test_x[pick], device)))]
     for scale in (args.fd_cfgs if model is not None else []):         # no generator, no samples
         settings = {**settings_of(ck, args), "cfg": scale}
-        images, _, _ = sample_images(model, tok, labels, args.batch, settings, device, seed=args.seed,
+        images, _, _ = sample_images(model, tok, labels, args.batch, settings, device, seed=args.sample_seed,
                                      desc=f"sampling cfg {scale:g}")
         rows.append((f"{model.cfg.arch} samples, cfg {scale:g}", feats(images * 2 - 1)))
     reference = feats(train_x)
@@ -277,10 +277,14 @@ def main(argv=None) -> dict:
                    help="images per class for the Frechet distance / diversity table (0: skip it)")
     p.add_argument("--fd_cfgs", type=float, nargs="+", default=[0.0, 1.5, 3.0],
                    help="guidance scales sampled for that table")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifier and of the samples")
+    p.add_argument("--sample_seed", type=int, default=None,
+                   help="seed of the samples only (default: --seed); another value with the same "
+                        "cached classifier shows how much a table moves from one draw to the next")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no_cache", action="store_true", help="always retrain the classifier")
     args = p.parse_args(argv)
+    args.sample_seed = args.seed if args.sample_seed is None else args.sample_seed
     if args.tokenizer and (args.ckpt or args.ckpt2):
         p.error("--ckpt already scores its generator's tokenizer; drop --tokenizer")
     gens = [c for c in (args.ckpt, args.ckpt2) if c]
@@ -325,7 +329,7 @@ def main(argv=None) -> dict:
         settings = settings_of(ck, args)
         labels = torch.arange(M).repeat_interleave(args.per_class)
         images, _, secs = sample_images(model, tok, labels, args.batch, settings, device,
-                                        seed=args.seed, desc=f"sampling {model.cfg.arch}")
+                                        seed=args.sample_seed, desc=f"sampling {model.cfg.arch}")
         name = f"{model.cfg.arch} samples (cfg {settings['cfg']:g}, step {ck['step']})"
         rows.append((name, len(labels), *score(images * 2 - 1, labels), settings))
         print(f"{name}: {len(labels)} images in {secs:.0f} s")
@@ -344,7 +348,7 @@ def main(argv=None) -> dict:
         print(f"{name:38} " + " ".join(f"{100 * a:>9.0f}" if a is not None else f"{'-':>9}" for a in per[mode]))
 
     result = {"dataset": cfg.dataset, "image_size": cfg.image_size, "checkpoints": ckpts,
-              "classifier_train_images": len(train_x),
+              "classifier_train_images": len(train_x), "seed": args.seed, "sample_seed": args.sample_seed,
               "rows": [{"name": r[0], "images": r[1], "accuracy": r[2], "per_class": r[3], "settings": r[4]}
                        for r in rows]}
     if args.fd_per_class and ckpts:

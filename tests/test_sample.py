@@ -267,6 +267,9 @@ def test_sample_quality_benchmark_runs_and_caches_its_classifier(run):
     assert [r["images"] for r in first["rows"]] == [8, 8, NUM_CLASSES]
     for r in first["rows"]:
         assert all(0 <= a <= 1 for a in r["accuracy"].values()) and len(r["per_class"]["grey"]) == NUM_CLASSES
+    # another draw of the samples, scored by the same (cached) classifier
+    redraw = sample_quality.main(args + ["--sample_seed", "1"])
+    assert redraw["rows"][:2] == first["rows"][:2] and (redraw["seed"], redraw["sample_seed"]) == (0, 1)
 
 
 def test_sample_quality_scores_a_tokenizer_alone(run):
@@ -294,7 +297,7 @@ def test_sample_quality_spread_table(run):
     test_x = torch.rand(3 * NUM_CLASSES, 3, S, S, generator=gen) * 2 - 1
     test_y = torch.arange(3 * NUM_CLASSES) % NUM_CLASSES
     clf = sample_quality.SmallCNN(1, NUM_CLASSES, S)
-    args = argparse.Namespace(fd_per_class=2, fd_cfgs=[0.0, 2.0], batch=8, seed=0, cfg=None, top_k=None,
+    args = argparse.Namespace(fd_per_class=2, fd_cfgs=[0.0, 2.0], batch=8, seed=0, sample_seed=0, cfg=None, top_k=None,
                               top_p=None)
     loaded = runtime.load_generator(run / "mvar.pt", torch.device("cpu"))
     rows = sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, *loaded,
