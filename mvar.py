@@ -480,8 +480,8 @@ class ScaleAttention(nn.Module):
 
     Parameter names follow VAR / M-VAR checkpoints: `mat_qkv` (no bias), `q_bias`, `v_bias`
     (k has no bias: without l2_norm a constant added to every key cancels in the softmax; VAR keeps
-    k bias-free with l2_norm too), `proj`, and with
-    `l2_norm` the learned per-head log-temperature `scale_mul_1H11`.
+    k bias-free with l2_norm too), `proj`, and with `l2_norm` the learned per-head log-temperature
+    `scale_mul_1H11`.
     """
 
     def __init__(self, C: int, num_heads: int, l2_norm: bool, block_causal: bool):

@@ -281,8 +281,9 @@ def check_same_run(saved: dict, now: dict, path, defining) -> None:
             if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"{path} was written by a run with other settings:\n  " + "\n  ".join(diff)
-                         + "\nResume with the same settings, or choose another --out_dir (to train another generator "
-                         "on a finished tokenizer, copy tokenizer.pt and tokens.pt into the new folder).")
+                         + "\nResume with the same settings, or choose another --out_dir (to train "
+                         "another generator on a finished tokenizer, copy tokenizer.pt and tokens.pt "
+                         "into the new folder).")
 
 
 # --------------------------------------------------------------------------------------------

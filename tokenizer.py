@@ -379,8 +379,9 @@ class MultiScaleVQVAE(nn.Module):
             recon    (B, Cimg, S, S) decoder output, NOT clamped (use it in the pixel loss)
             vq_loss  scalar; the caller adds the pixel loss, e.g.
                      loss = F.l1_loss(recon, img) + F.mse_loss(recon, img) + vq_loss
-            stats    this batch's code usage per scale (under DDP training: all ranks' batches), {"hits" (K, V), "used" (K,), "perplexity"
-                     (K,)} (see code_usage), and "restarted": the dead codes restarted now
+            stats    this batch's code usage per scale (under DDP training: all ranks' batches),
+                     {"hits" (K, V), "used" (K,), "perplexity" (K,)} (see code_usage), and
+                     "restarted": the dead codes restarted now
         VAR §3.1 Eq. 5 trains with ||x - x'|| + ||f - f_hat|| + perceptual and GAN losses. Here the
         vq_loss stands for ||f - f_hat||, and the pixel loss is the caller's (train.py: L1 + L2; no
         perceptual or GAN loss, whose pretrained networks are downloads).

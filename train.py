@@ -134,8 +134,10 @@ class TrainConfig:
     base_lr: float = _f(4e-3, "generator lr per 256 images: peak lr = base_lr * gen_batch / 256")
     gen_epochs: float = _f(10.0, "generator training epochs")
     warmup_frac: float = _f(0.02, "fraction of steps spent in linear warm-up, both stages (VAR: ep/50)")
-    end_lr_ratio: float = _f(0.1, "final lr / peak lr at the end of the linear decay, both stages (VAR's wpe)")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, pos/level embeddings, attention temperature, Mamba's dt_bias/A_log/D)")
+    end_lr_ratio: float = _f(0.1, "final lr / peak lr at the end of the linear decay, both stages "
+                                  "(VAR's wpe)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, pos/level embeddings, "
+                                   "attention temperature, Mamba's dt_bias / A_log / D)")
     weight_decay_end: float = _f(0.05, "weight decay at the end (cosine from weight_decay; VAR's twde)")
     grad_clip: float = _f(2.0, "gradient-norm clip, both stages")
     alng: float = _f(1e-3, "AdaLN gate init scale (VAR: 1e-3 for d12-d20, 1e-4 d24, 1e-5 d30)")
@@ -224,7 +226,8 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float, end_ratio: flo
     end_ratio * peak at the last step (VAR's schedule, without its 5% plateau).
 
     Warm-up step s (0-based) uses peak * (s+1)/W, so step 0 already moves and step W-1 reaches
-    the peak (VAR's warm-up starts from 0.005 * peak instead, and reaches it one step later); the decay runs from step W (peak) to step total-1 (end_ratio * peak).
+    the peak (VAR's warm-up starts from 0.005 * peak instead, and reaches it one step later); the
+    decay runs from step W (peak) to step total-1 (end_ratio * peak).
     """
     warm = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
     if step < warm:
