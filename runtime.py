@@ -9,7 +9,9 @@ The plumbing of train.py and sample.py; nothing in this file is part of the meth
   * the random-number-generator states that make a resumed run bit-identical to one that was
     never interrupted (rng_state, gather_rng, restore_rng);
   * loading state dicts with errors a person can act on (load_state_dict_checked);
-  * the models of a train.py run folder (load_trained_tokenizer, load_generator);
+  * the models of a train.py run folder (load_trained_tokenizer, load_generator), and the trained
+    Fashion-MNIST models shipped in weights/fashion-mnist/ (SHIPPED, shippable_copy), which the
+    same two functions load;
   * the officially released weights: VAR's tokenizer (load_var_checkpoint) and the M-VAR / VAR
     generators (load_official_checkpoint), with every architecture setting read from the files
     themselves (official_generator_config, var_tokenizer_config; load_official does both).
@@ -399,6 +401,26 @@ def load_generator(path, device="cpu", tokenizer_path=None):
     model = MVAR(MVARConfig.from_dict(ck["config"]["model"]))
     load_state_dict_checked(model, ck["model"], what=f"{ck['config']['model']['arch']} generator")
     return model.to(device).eval(), tokenizer, ck
+
+
+# The trained Fashion-MNIST tokenizer, M-VAR and VAR that come with the repository (made by
+# `python weights/make.py`; weights/fashion-mnist/PROVENANCE.md says how and how well).
+SHIPPED = Path(__file__).resolve().parent / "weights" / "fashion-mnist"
+REGENERATE = "python weights/make.py"
+
+
+def shippable_copy(ck: dict, **extra) -> dict:
+    """A finished train.py checkpoint -> the weights-only copy that weights/ ships: the config,
+    the class names and the weights, floating tensors in float16 (half the bytes; load_state_dict
+    casts them back to float32), without the optimizer state, RNG states and loss history.
+    load_trained_tokenizer / load_generator read it like the checkpoint it came from."""
+    if not ck.get("done"):
+        raise ValueError(f"only a finished run can be shipped (this one is at step {ck.get('step')} "
+                         f"of {ck.get('total_steps')})")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
+    keep = {k: ck[k] for k in ("kind", "config", "class_names", "tokenizer_path", "step", "total_steps")
+            if k in ck}
+    return {**keep, "model": half, "done": True, **extra}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """sample.py -- draw images from a trained M-VAR (or VAR) generator.
 
+    python sample.py                                               # the shipped Fashion-MNIST M-VAR
+    python sample.py --arch var --strip                            # the shipped VAR, + coarse-to-fine
     python sample.py --ckpt runs/tiny/mvar.pt                      # class grid PNG in runs/tiny/
     python sample.py --ckpt runs/tiny/mvar.pt --classes 0-3 --per_class 8 --strip
     python sample.py --ckpt RUN/mvar.pt --npz 10000 --batch 250    # FID input, classes balanced
@@ -10,8 +12,10 @@ at a time -> the tokenizer decodes them. This file batches it and writes `<arch>
 column per class), `<arch>_strip.png` (--strip: the picture after every scale) or `<arch>_N.npz`
 (--npz N: the ImageNet FID evaluator's layout, arr_0 uint8 (n, S, S, 3) and the classes in arr_1;
 sample i has class classes[i % #classes]) into --out (a folder, or a .png / .npz name).
-Settings default to the checkpoint's, or for --official weights to those of the papers' FID
-numbers. Same seed, batch and device give the same images. images/s excludes loading.
+With neither --ckpt nor --official it samples the trained Fashion-MNIST models that come with the
+repository (weights/fashion-mnist/: M-VAR, or VAR with --arch var) into samples/.
+Settings default to the checkpoint's (for the shipped models, the setting measured to draw them
+best), or for --official weights to those of the papers' FID numbers. Same seed, batch and device give the same images. images/s excludes loading.
 
 Shape letters: n images, B images per batch, Cimg image channels, S image side, K scales.
 """
@@ -28,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from data import output_paths, save_image_grid, to_uint8_nhw3
-from runtime import autocast, load_generator, load_official, resolve_device
+from runtime import SHIPPED, autocast, load_generator, load_official, resolve_device
 
 # The sampling setting behind the published FID numbers (VAR and M-VAR: cfg 1.5, top-k 900,
 # top-p 0.96, no gumbel smoothing).
@@ -69,16 +73,20 @@ def main(argv=None) -> dict:
         raise ValueError("--per_class and --batch must be >= 1, --npz >= 0")
     if args.npz and args.strip:
         raise ValueError("--strip draws the grid's samples; --npz writes no grid: run them separately")
-    if bool(args.ckpt) == bool(args.official):
-        raise ValueError("pass exactly one of --ckpt RUN/<arch>.pt (a train.py run) or "
+    if args.ckpt and args.official:
+        raise ValueError("pass at most one of --ckpt RUN/<arch>.pt (a train.py run) or "
                          "--official PATH.pth (released weights, with --vae_ckpt)")
+    shipped = not (args.ckpt or args.official)          # the trained models in weights/
+    if shipped:
+        args.ckpt = str(SHIPPED / f"{args.arch or 'mvar'}.pt")
     device = resolve_device(args.device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else None
 
     if args.ckpt:
         model, tok, ck = load_generator(args.ckpt, device, tokenizer_path=args.tokenizer or None)
         t = ck["config"]["train"]
-        defaults, default_dir = {"cfg": t["cfg_scale"], "top_k": t["top_k"], "top_p": t["top_p"]}, Path(args.ckpt).parent
+        defaults = ck.get("sampling") or {"cfg": t["cfg_scale"], "top_k": t["top_k"], "top_p": t["top_p"]}
+        default_dir = Path("samples") if shipped else Path(args.ckpt).parent
         class_names = ck.get("class_names") or []
     else:   # every architecture setting is read from the two files; --arch / --depth only check
         pns = tuple(int(p) for p in args.patch_nums.split(",")) if args.patch_nums else None
@@ -129,11 +137,14 @@ def main(argv=None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     src = p.add_argument_group("what to load")
-    src.add_argument("--ckpt", default="", help="generator checkpoint written by train.py (RUN/mvar.pt, RUN/var.pt)")
+    src.add_argument("--ckpt", default="", help="generator checkpoint written by train.py (RUN/mvar.pt, RUN/var.pt); "
+                     "default: the shipped one in weights/fashion-mnist/")
     src.add_argument("--tokenizer", default="", help="tokenizer checkpoint (default: the one the generator names)")
     src.add_argument("--official", default="", help="released M-VAR / VAR ImageNet-256 weights (.pth)")
     src.add_argument("--vae_ckpt", default="data/vae_ch160v4096z32.pth", help="VAR's released tokenizer, with --official (default %(default)s)")
-    src.add_argument("--arch", default=None, choices=("mvar", "var"), help="with --official: check that the file holds this architecture")
+    src.add_argument("--arch", default=None, choices=("mvar", "var"),
+                     help="the shipped generator to sample (default mvar); with --official: check that "
+                          "the file holds this architecture")
     src.add_argument("--depth", type=int, default=None, help="with --official: check that the file holds this depth")
     src.add_argument("--patch_nums", default="", help="with --official: the scales, e.g. 1,2,3,4, if the file cannot tell them")
     what = p.add_argument_group("what to sample")
@@ -148,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--npz", type=int, default=0, metavar="N", help="write N samples as .npz for FID instead of a grid")
     run = p.add_argument_group("how")
     run.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
-    run.add_argument("--out", default="", help="output folder, or a .png / .npz file name (default: the run folder; samples/ for --official)")
+    run.add_argument("--out", default="", help="output folder, or a .png / .npz file name (default: the run folder; "
+                     "samples/ for the shipped and --official weights)")
     run.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
     run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 elsewhere")
     return p
