@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from data import output_paths, save_image_grid, to_uint8_nhw3
-from runtime import SHIPPED, autocast, load_generator, load_official, resolve_device
+from runtime import REGENERATE, SHIPPED, autocast, load_generator, load_official, resolve_device
 
 # The sampling setting behind the published FID numbers (VAR and M-VAR: cfg 1.5, top-k 900,
 # top-p 0.96, no gumbel smoothing).
@@ -79,6 +79,9 @@ def main(argv=None) -> dict:
     shipped = not (args.ckpt or args.official)          # the trained models in weights/
     if shipped:
         args.ckpt = str(SHIPPED / f"{args.arch or 'mvar'}.pt")
+        if not Path(args.ckpt).is_file():
+            raise FileNotFoundError(f"the shipped weights {args.ckpt} are missing: restore them (git checkout "
+                                    f"-- weights), remake them with `{REGENERATE}`, or pass --ckpt RUN/mvar.pt")
     device = resolve_device(args.device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else None
 
