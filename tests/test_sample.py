@@ -141,6 +141,12 @@ def test_class_lists_and_ranges():
 # Errors
 # --------------------------------------------------------------------------------------------
 
+def test_missing_shipped_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "SHIPPED", tmp_path)             # a clone without weights/
+    with pytest.raises(FileNotFoundError, match="shipped weights .* are missing.*weights/make.py"):
+        sample.main(["--arch", "var", "--device", "cpu"])
+
+
 def test_missing_and_corrupt_checkpoints(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sample.main(["--ckpt", str(tmp_path / "nope.pt"), "--device", "cpu"])
@@ -148,8 +154,8 @@ def test_missing_and_corrupt_checkpoints(run, tmp_path):
     bad.write_bytes((run / "mvar.pt").read_bytes()[:5000])                 # truncated copy
     with pytest.raises(ValueError, match="corrupt, truncated"):
         sample.main(["--ckpt", str(bad), "--device", "cpu"])
-    with pytest.raises(ValueError, match="exactly one of --ckpt"):
-        sample.main(["--device", "cpu"])
+    with pytest.raises(ValueError, match="at most one of --ckpt"):
+        sample.main(["--ckpt", str(run / "mvar.pt"), "--official", "x.pth", "--device", "cpu"])
     with pytest.raises(ValueError, match="run them separately"):
         sample.main(["--ckpt", str(run / "mvar.pt"), "--npz", "8", "--strip", "--device", "cpu"])
 
