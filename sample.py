@@ -15,7 +15,8 @@ sample i has class classes[i % #classes]) into --out (a folder, or a .png / .npz
 With neither --ckpt nor --official it samples the trained Fashion-MNIST models that come with the
 repository (weights/fashion-mnist/: M-VAR, or VAR with --arch var) into samples/.
 Settings default to the checkpoint's (for the shipped models, the setting measured to draw them
-best), or for --official weights to those of the papers' FID numbers. Same seed, batch and device give the same images. images/s excludes loading.
+best), or for --official weights to those of the papers' FID numbers. Same seed, batch and device
+give the same images. images/s excludes loading.
 
 Shape letters: n images, B images per batch, Cimg image channels, S image side, K scales.
 """
@@ -80,8 +81,9 @@ def main(argv=None) -> dict:
     if shipped:
         args.ckpt = str(SHIPPED / f"{args.arch or 'mvar'}.pt")
         if not Path(args.ckpt).is_file():
-            raise FileNotFoundError(f"the shipped weights {args.ckpt} are missing: restore them (git checkout "
-                                    f"-- weights), remake them with `{REGENERATE}`, or pass --ckpt RUN/mvar.pt")
+            raise FileNotFoundError(f"the shipped weights {args.ckpt} are missing: restore them (git "
+                                    f"checkout -- weights), remake them with `{REGENERATE}`, or pass "
+                                    "--ckpt RUN/mvar.pt")
     device = resolve_device(args.device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else None
 
@@ -140,8 +142,8 @@ def main(argv=None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     src = p.add_argument_group("what to load")
-    src.add_argument("--ckpt", default="", help="generator checkpoint written by train.py (RUN/mvar.pt, RUN/var.pt); "
-                     "default: the shipped one in weights/fashion-mnist/")
+    src.add_argument("--ckpt", default="", help="generator checkpoint written by train.py (RUN/mvar.pt, "
+                     "RUN/var.pt); default: the shipped one in weights/fashion-mnist/")
     src.add_argument("--tokenizer", default="", help="tokenizer checkpoint (default: the one the generator names)")
     src.add_argument("--official", default="", help="released M-VAR / VAR ImageNet-256 weights (.pth)")
     src.add_argument("--vae_ckpt", default="data/vae_ch160v4096z32.pth", help="VAR's released tokenizer, with --official (default %(default)s)")
@@ -162,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--npz", type=int, default=0, metavar="N", help="write N samples as .npz for FID instead of a grid")
     run = p.add_argument_group("how")
     run.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
-    run.add_argument("--out", default="", help="output folder, or a .png / .npz file name (default: the run folder; "
-                     "samples/ for the shipped and --official weights)")
+    run.add_argument("--out", default="", help="output folder, or a .png / .npz file name (default: the "
+                     "run folder; samples/ for the shipped and --official weights)")
     run.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
     run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA, fp32 elsewhere")
     return p

@@ -86,7 +86,8 @@ def test_generator_reproduces_its_loss_and_accuracy(shipped, arch):
     # One token of the 1x1 scale is 1/512 of its accuracy: allow one flipped argmax per scale.
     tokens = [p * p * len(ref["tokens"]) for p in shipped[1][arch].cfg.patch_nums]
     for k, (w, g, n) in enumerate(zip(want["per_scale_acc"], got["per_scale_acc"], tokens)):
-        assert abs(w - g) <= 1.5 / n, f"the shipped {arch}'s accuracy at scale {k} changed from {w:.4f} to {g:.4f}. {FIX}"
+        assert abs(w - g) <= 1.5 / n, \
+            f"the shipped {arch}'s accuracy at scale {k} changed from {w:.4f} to {g:.4f}. {FIX}"
 
 
 @pytest.mark.parametrize("arch", ["mvar", "var"])
@@ -96,7 +97,8 @@ def test_seeded_sample_reproduces_its_token_maps(shipped, arch):
     _, _, ref, now = shipped
     want, got = ref["expected"][arch]["sample_idx"], now[arch]["sample_idx"]
     agree = (got == want).float().mean().item()
-    assert torch.equal(got, want), f"the shipped {arch}'s seeded sample changed ({100 * agree:.1f}% of tokens agree). {FIX}"
+    assert torch.equal(got, want), \
+        f"the shipped {arch}'s seeded sample changed ({100 * agree:.1f}% of tokens agree). {FIX}"
 
 
 @pytest.mark.slow
