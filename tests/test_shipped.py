@@ -11,7 +11,7 @@ Random weights hide bugs that trained weights show: a trained model's loss moves
 than float rounding when any part of what it computes changes (a mask, a scan step, a
 quantizer detail), while shapes and most hand-written references stay satisfied. The tolerances
 are a few times the float32 rounding between machines; a real change exceeds them by orders of
-magnitude (benchmarks/RESULTS.md, "Shipped weights", lists the changes tried). They need neither
+magnitude (benchmarks/RESULTS.md, "The shipped weights", lists the changes tried). They need neither
 the dataset nor any training.
 
 If a change is *meant* to alter what the models compute, regenerate the weights and this

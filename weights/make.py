@@ -21,7 +21,7 @@ this after an intentional change to what the models compute; the regression test
 
 Needs Fashion-MNIST (Debian's dataset-fashion-mnist, or --download on the first command). The
 training takes 40-60 minutes on an idle 2-core CPU (the commit, the commands and their wall time
-go into PROVENANCE.md); steps 2-5 take about three minutes.
+go into PROVENANCE.md); steps 2-5 take about six minutes (5:42 measured).
 """
 import argparse
 import json
@@ -50,7 +50,7 @@ COMMANDS = {   # name -> train.py arguments; "tokenizer" + "mvar" = the preset's
     "var": ["--preset", "fashion-mnist", "--stage", "generator", "--arch", "var"],
 }
 # The shipped models' default sampling setting (sample.py, the notebooks): the one that drew
-# them best, measured with benchmarks/sample_quality.py (benchmarks/RESULTS.md, "Shipped weights").
+# them best, measured with benchmarks/sample_quality.py (benchmarks/RESULTS.md, "The shipped weights").
 SAMPLING = {"cfg": 3.0, "top_k": 0, "top_p": 0.0}
 # The fixed slice of the test set the regression tests use.
 N_IMAGES, N_TOKENS, SAMPLE_SEED = 32, 512, 0
@@ -78,8 +78,8 @@ def ship(run: Path, dest: Path) -> None:
     """Step 2: RUN/{tokenizer,mvar,var}.pt -> weights-only float16 copies in dest/. A generator
     names its tokenizer by sha256, so the tokenizer goes first."""
     dest.mkdir(parents=True, exist_ok=True)
-    runtime.save_checkpoint(runtime.shippable_copy(runtime.load_checkpoint(run / "tokenizer.pt", "tokenizer")),
-                            dest / "tokenizer.pt")
+    tokenizer = runtime.load_checkpoint(run / "tokenizer.pt", "tokenizer")
+    runtime.save_checkpoint(runtime.shippable_copy(tokenizer), dest / "tokenizer.pt")
     sha = runtime.file_digest(dest / "tokenizer.pt")
     for arch in ("mvar", "var"):
         ck = runtime.load_checkpoint(run / f"{arch}.pt", "generator")
