@@ -9,7 +9,8 @@
 
 Generation itself is `MVAR.generate` (mvar.py): class -> K token maps, coarse to fine, one scale
 at a time -> the tokenizer decodes them. This file batches it and writes `<arch>_grid.png` (one
-column per class), `<arch>_strip.png` (--strip: the picture after every scale) or `<arch>_N.npz`
+column per class), `<arch>_strip.png` (--strip: the picture after every scale, for the grid's
+first sample of each class) or `<arch>_N.npz`
 (--npz N: the ImageNet FID evaluator's layout, arr_0 uint8 (n, S, S, 3) and the classes in arr_1;
 sample i has class classes[i % #classes]) into --out (a folder, or a .png / .npz name).
 With neither --ckpt nor --official it samples the trained Fashion-MNIST models that come with the
@@ -123,10 +124,10 @@ def main(argv=None) -> dict:
         names = [class_names[c] if c < len(class_names) else str(c) for c in classes]
         save_image_grid(images, paths["grid"], len(classes), column_labels=names)
         result["grid"] = paths["grid"]
-        if args.strip:                                           # one column per scale
+        if args.strip:   # the grid's first row, one class per row, one column per scale
             pns = tok.cfg.patch_nums
-            save_image_grid(scales.flatten(0, 1), paths["strip"], len(pns),
-                            column_labels=[f"{p}x{p}" for p in pns], row_labels=[names[i % len(names)] for i in range(len(labels))])
+            save_image_grid(scales[:len(classes)].flatten(0, 1), paths["strip"], len(pns),
+                            column_labels=[f"{p}x{p}" for p in pns], row_labels=names)
             result["strip"] = paths["strip"]
     result.update(images=len(labels), seconds=seconds, images_per_s=len(labels) / seconds)
     print("\n".join(f"wrote {result[kind]}" for kind in ("grid", "strip", "npz") if result[kind]))
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--top_p", type=float, default=None, help="top-p, 0 = off (default: checkpoint's / 0.96)")
     what.add_argument("--more_smooth", action="store_true", help="gumbel-softmax codes: smoother pictures, not for FID")
     what.add_argument("--seed", type=int, default=0, help="default 0")
-    what.add_argument("--strip", action="store_true", help="also write the coarse-to-fine strip of the grid samples")
+    what.add_argument("--strip", action="store_true", help="also write the coarse-to-fine strip: one row per class "
+                      "(the grid's first sample), one column per scale")
     what.add_argument("--npz", type=int, default=0, metavar="N", help="write N samples as .npz for FID instead of a grid")
     run = p.add_argument_group("how")
     run.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")

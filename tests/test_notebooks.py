@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
+pytestmark = pytest.mark.notebooks   # ~90 s in all: `pytest -m notebooks` (pytest.ini)
+
+
 def test_there_are_notebooks():
     assert NOTEBOOKS, f"no notebooks found in {ROOT / 'notebooks'}"
 

@@ -87,13 +87,13 @@ def test_grid_has_one_column_per_class(run, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-def test_strip_shows_every_scale_and_ends_at_the_grid_image(run, tmp_path):
-    res = sample.main(["--ckpt", str(run / "mvar.pt"), "--classes", "2,7", "--per_class", "1",
+def test_strip_shows_every_scale_of_one_sample_per_class(run, tmp_path):
+    res = sample.main(["--ckpt", str(run / "mvar.pt"), "--classes", "2,7", "--per_class", "3",
                        "--strip", "--out", str(tmp_path), "--device", "cpu", "--cfg", "0"])
     assert res["grid"] == tmp_path / "mvar_grid.png" and res["strip"] == tmp_path / "mvar_strip.png"
-    strip = tiles(res["strip"], rows=2, cols=K)                  # row = sample, column = scale
-    grid = tiles(res["grid"], rows=1, cols=2)
-    np.testing.assert_array_equal(strip[K - 1::K], grid)      # the last scale is the picture
+    strip = tiles(res["strip"], rows=2, cols=K)     # one row per class: it reads at a glance
+    grid = tiles(res["grid"], rows=3, cols=2)
+    np.testing.assert_array_equal(strip[K - 1::K], grid[:2])   # the last scale is the grid's first row
     # each column is a different stage of the coarse-to-fine build-up
     assert all(not np.array_equal(strip[k], strip[k + 1]) for k in range(K - 1))
 

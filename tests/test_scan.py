@@ -340,6 +340,7 @@ def test_mamba2_bad_inputs_raise():
         m(torch.randn(2, 5, 16, dtype=torch.float64), m.init_state(3))
 
 
+@pytest.mark.processes
 def test_compare_scan_flags_a_version_that_computes_something_else(tmp_path):
     """benchmarks/compare_scan.py, the tool for timing a change to the scan against the code
     before it, must also catch a change that alters the result: a copy of mvar.py whose segsum

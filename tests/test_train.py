@@ -413,6 +413,7 @@ def test_missing_vae_checkpoint_says_where_to_get_it(tmp_path):
 # DDP under torchrun (gloo on CPU)
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.processes
 def test_torchrun_two_processes(tmp_path):
     run = tmp_path / "run"
     job = tmp_path / "job.py"
