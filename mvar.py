@@ -718,7 +718,7 @@ class MVAR(nn.Module):
 
     # ----- sampling (VAR's autoregressive_infer_cfg, with Mamba's state carried) ----------
     @torch.no_grad()
-    def sample_tokens(self, tokenizer, labels, cfg_scale=1.5, top_k=0, top_p=0.0, more_smooth=False,
+    def sample_tokens(self, tokenizer, labels, guidance=1.5, top_k=0, top_p=0.0, more_smooth=False,
                       generator=None, mamba_mode="carry", return_scales=False, return_logits=False):
         """Generate token maps scale by scale. labels: (B,) class ids.
 
@@ -733,13 +733,13 @@ class MVAR(nn.Module):
         each soft mixture; f_hat is built from the mixtures, not from these ids), "f_hat"
         (B, Cvae, h, w) after the last scale, and if asked "scales" (the f_hat after each scale)
         and "logits" (per scale, the raw logits: (2B, l, V), conditional and null halves, when
-        cfg_scale > 0, else (B, l, V))."""
+        guidance > 0, else (B, l, V))."""
         cfg = self.cfg
         self._check_inputs(labels, allow_null=False, tokenizer=tokenizer, mamba_mode=mamba_mode)
         rerun = mamba_mode == "rerun" and cfg.arch == "mvar"
         step = Block.forward_one_scale_rerun if rerun else Block.forward_one_scale
         B, K = labels.shape[0], len(cfg.patch_nums)
-        use_cfg = cfg_scale > 0
+        use_cfg = guidance > 0
         if use_cfg:   # one batch: conditional half, then the null class half
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
         cond_BC = self.class_emb(labels)
@@ -756,7 +756,7 @@ class MVAR(nn.Module):
                 out["logits"].append(logits)
             ratio = k / (K - 1)
             if use_cfg:   # classifier-free guidance, strength ramped linearly over scales
-                t = cfg_scale * ratio
+                t = guidance * ratio
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             if more_smooth:   # soft (gumbel-softmax) code mixture: smoother pictures, not for FID
                 tau = max(0.27 * (1 - 0.95 * ratio), 0.005)     # over the top-k / top-p tokens,
@@ -782,11 +782,11 @@ class MVAR(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, tokenizer, labels, cfg_scale=1.5, top_k=0, top_p=0.0, more_smooth=False,
+    def generate(self, tokenizer, labels, guidance=1.5, top_k=0, top_p=0.0, more_smooth=False,
                  generator=None, return_scales=False, mamba_mode="carry"):
         """Sample images for `labels` (B,) -> images (B, Cimg, S, S) in [0, 1]; with
         return_scales also a list of K such batches, the picture decoded after each scale."""
-        out = self.sample_tokens(tokenizer, labels, cfg_scale, top_k, top_p, more_smooth, generator,
+        out = self.sample_tokens(tokenizer, labels, guidance, top_k, top_p, more_smooth, generator,
                                  mamba_mode, return_scales=return_scales)
         to01 = lambda f: tokenizer.fhat_to_img(f).add(1).mul(0.5).clamp(0, 1)
         images = to01(out["f_hat"])

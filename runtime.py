@@ -403,6 +403,16 @@ def load_generator(path, device="cpu", tokenizer_path=None):
     return model.to(device).eval(), tokenizer, ck
 
 
+def sampling_defaults(ck: dict) -> dict:
+    """A generator checkpoint -> its sampling setting {"cfg", "top_k", "top_p"}: the one stored
+    with it (the shipped weights: the setting measured to draw them best), else the grids' setting
+    of its run (`guidance`, named `cfg_scale` in checkpoints written before the rename)."""
+    if ck.get("sampling"):
+        return dict(ck["sampling"])
+    t = ck["config"]["train"]
+    return {"cfg": t.get("guidance", t.get("cfg_scale")), "top_k": t["top_k"], "top_p": t["top_p"]}
+
+
 # The trained Fashion-MNIST tokenizer, M-VAR and VAR that come with the repository (made by
 # `python weights/make.py`; weights/fashion-mnist/PROVENANCE.md says how and how well).
 SHIPPED = Path(__file__).resolve().parent / "weights" / "fashion-mnist"

@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from data import output_paths, save_image_grid, to_uint8_nhw3
-from runtime import REGENERATE, SHIPPED, autocast, load_generator, load_official, resolve_device
+from runtime import (REGENERATE, SHIPPED, autocast, load_generator, load_official, resolve_device,
+                     sampling_defaults)
 
 # The sampling setting behind the published FID numbers (VAR and M-VAR: cfg 1.5, top-k 900,
 # top-p 0.96, no gumbel smoothing).
@@ -54,7 +55,7 @@ def sample_images(model, tokenizer, labels: torch.Tensor, batch: int, settings: 
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True, disable=len(labels) <= batch):
         with autocast(device, amp_dtype):
-            out = model.generate(tokenizer, labels[start:start + batch].to(device), cfg_scale=settings["cfg"],
+            out = model.generate(tokenizer, labels[start:start + batch].to(device), guidance=settings["cfg"],
                                  top_k=settings["top_k"], top_p=settings["top_p"],
                                  more_smooth=settings["more_smooth"], generator=gen, return_scales=strip)
         img, per_scale = out if strip else (out, None)
@@ -90,8 +91,7 @@ def main(argv=None) -> dict:
 
     if args.ckpt:
         model, tok, ck = load_generator(args.ckpt, device, tokenizer_path=args.tokenizer or None)
-        t = ck["config"]["train"]
-        defaults = ck.get("sampling") or {"cfg": t["cfg_scale"], "top_k": t["top_k"], "top_p": t["top_p"]}
+        defaults = sampling_defaults(ck)
         default_dir = Path("samples") if shipped else Path(args.ckpt).parent
         class_names = ck.get("class_names") or []
     else:   # every architecture setting is read from the two files; --arch / --depth only check

@@ -143,7 +143,7 @@ class TrainConfig:
     alng: float = _f(1e-3, "AdaLN gate init scale (VAR: 1e-3 for d12-d20, 1e-4 d24, 1e-5 d30)")
     drop_path: float = _f(-1.0, "max drop-path rate (-1 = 0.1*depth/24, the VAR rule)")
     cond_drop: float = _f(0.1, "probability of replacing the class by the null class (for CFG)")
-    cfg_scale: float = _f(1.5, "classifier-free guidance for the sample grids")
+    guidance: float = _f(1.5, "classifier-free guidance for the sample grids")
     top_k: int = _f(0, "top-k for the sample grids (0 = off)")
     top_p: float = _f(0.0, "top-p for the sample grids (0 = off)")
     samples_per_class: int = _f(4, "sample grid: images per class (first 10 classes)")
@@ -168,7 +168,7 @@ PRESETS = {
     # M-VAR's lowest validation loss of 1, 2, 4 and 8e-3, more varied samples than 1e-3, no cost.
     "fashion-mnist": dict(dataset="fashion-mnist", image_size=28, patch_nums=(1, 2, 3, 5, 7),
                           tok_epochs=1.0, tok_batch=32, tok_lr=2e-3,
-                          gen_batch=32, base_lr=32e-3, gen_epochs=2.5264, cfg_scale=3.0,
+                          gen_batch=32, base_lr=32e-3, gen_epochs=2.5264, guidance=3.0,
                           d_state=16, headdim=32, expand=1),
     # 32px tokenizer with its own 8x8 pyramid (patch_nums=()), VAR's size rule (width, heads = 0).
     "cifar10": dict(image_size=32, patch_nums=(), width=0, num_heads=0,
@@ -195,7 +195,7 @@ STAGE2_FIELDS = DATA_FIELDS + ("arch", "depth", "width", "num_heads", "d_state",
                                "weight_decay_end", "grad_clip", "alng", "drop_path", "cond_drop")
 RUNTIME_FIELDS = ("preset", "stage", "out_dir", "device", "precision", "compile", "max_minutes",
                   "stop_after", "log_every", "ckpt_every", "image_every", "num_workers", "download",
-                  "data_dir", "vae_ckpt", "eval_images", "grad_accum", "cfg_scale", "top_k", "top_p",
+                  "data_dir", "vae_ckpt", "eval_images", "grad_accum", "guidance", "top_k", "top_p",
                   "samples_per_class")
 _CHOICES = {"stage": ("tokenizer", "generator", "all"), "arch": ("mvar", "var"),
             "dataset": ("shapes", "fashion-mnist", "cifar10", "folder"),
@@ -627,7 +627,7 @@ def sample_grid(model, tokenizer, cfg: TrainConfig, class_names, path, device) -
     """Sample grid PNG: one column per class (the first 10), samples_per_class rows, fixed seed."""
     was_training, classes = model.training, min(len(class_names), 10)
     labels = torch.arange(classes, device=device).repeat(cfg.samples_per_class)
-    images = model.eval().generate(tokenizer, labels, cfg_scale=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p,
+    images = model.eval().generate(tokenizer, labels, guidance=cfg.guidance, top_k=cfg.top_k, top_p=cfg.top_p,
                                    generator=torch.Generator(device=device).manual_seed(cfg.seed))
     save_image_grid(images, path, classes, column_labels=class_names[:classes])
     model.train(was_training)

@@ -75,7 +75,7 @@ def run_one(args) -> dict:
     def sample(labels):
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        model.sample_tokens(tok, labels, cfg_scale=1.5, top_k=900, top_p=0.96, generator=g, mamba_mode=mode)
+        model.sample_tokens(tok, labels, guidance=1.5, top_k=900, top_p=0.96, generator=g, mamba_mode=mode)
         return time.perf_counter() - t0
 
     sample(labels[:1])            # warm-up on one image (kernels, thread pools), small footprint

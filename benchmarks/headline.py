@@ -67,7 +67,7 @@ def run_case(case: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.sample_tokens(tok, lab, cfg_scale=1.5, top_k=900, top_p=0.96, generator=gen)
+        model.sample_tokens(tok, lab, guidance=1.5, top_k=900, top_p=0.96, generator=gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

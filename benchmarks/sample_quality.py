@@ -191,10 +191,9 @@ def reconstruct(tok, x: torch.Tensor, device, batch: int = 200) -> torch.Tensor:
 
 def settings_of(ck: dict, args) -> dict:
     """Sampling settings: the checkpoint's, unless given on the command line."""
-    t = ck["config"]["train"]
-    return {"cfg": t["cfg_scale"] if args.cfg is None else args.cfg,
-            "top_k": t["top_k"] if args.top_k is None else args.top_k,
-            "top_p": t["top_p"] if args.top_p is None else args.top_p, "more_smooth": False}
+    saved = runtime.sampling_defaults(ck)
+    given = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
+    return {**{k: saved[k] if v is None else v for k, v in given.items()}, "more_smooth": False}
 
 
 def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, device) -> list:

@@ -72,7 +72,7 @@ def test_teacher_forced_logits_match_the_official_code(name):
 def test_greedy_samples_match_the_official_sampler(name, mamba_mode):
     g, tok, model = GOLDEN[name], golden_tokenizer(), golden_model(name)
     with torch.no_grad():
-        out = model.sample_tokens(tok, g["sample_labels"], cfg_scale=g["sample_cfg"], top_k=1,
+        out = model.sample_tokens(tok, g["sample_labels"], guidance=g["sample_cfg"], top_k=1,
                                   mamba_mode=mamba_mode)
     for k, (ours, official) in enumerate(zip(out["idx"], g["sample_idx"])):
         assert torch.equal(ours, official), f"{name} ({mamba_mode}): scale {k} differs"
@@ -84,7 +84,7 @@ def test_each_greedy_token_is_the_argmax_of_the_guided_logits():
     g, tok, model = GOLDEN["mvar"], golden_tokenizer(), golden_model("mvar")
     cfg, B, K = 1.5, len(g["sample_labels"]), len(GOLDEN["patch_nums"])
     with torch.no_grad():
-        out = model.sample_tokens(tok, g["sample_labels"], cfg_scale=cfg, top_k=1, return_logits=True)
+        out = model.sample_tokens(tok, g["sample_labels"], guidance=cfg, top_k=1, return_logits=True)
     for k in range(K):
         t = cfg * k / (K - 1)
         cond, uncond = out["logits"][k][:B], out["logits"][k][B:]

@@ -122,7 +122,7 @@ def test_sampling_logits_equal_teacher_forced_logits(tokenizer, arch, cfg, mode)
     model = tiny_model(arch)
     labels = torch.tensor([0, 4, 2])
     g = torch.Generator().manual_seed(0)
-    out = model.sample_tokens(tokenizer, labels, cfg_scale=cfg, top_k=0, top_p=0.0, generator=g,
+    out = model.sample_tokens(tokenizer, labels, guidance=cfg, top_k=0, top_p=0.0, generator=g,
                               mamba_mode=mode, return_logits=True)
     teacher = tokenizer.idx_to_teacher_input(out["idx"])
     if cfg > 0:   # the sampler ran the conditional and the null class as one batch
@@ -157,7 +157,7 @@ def test_a_block_fed_one_scale_at_a_time_equals_the_whole_sequence(arch):
 def test_generate_is_seeded_and_decodes_in_unit_range(tokenizer):
     model = tiny_model("mvar")
     labels = torch.tensor([1, 3])
-    run = lambda seed: model.generate(tokenizer, labels, cfg_scale=1.5, top_k=10, top_p=0.9,
+    run = lambda seed: model.generate(tokenizer, labels, guidance=1.5, top_k=10, top_p=0.9,
                                       generator=torch.Generator().manual_seed(seed))
     a, b, c = run(7), run(7), run(8)
     assert a.shape == (2, 3, 16, 16) and a.min() >= 0 and a.max() <= 1

@@ -31,7 +31,7 @@ TINY = ["--image_size", "16", "--shapes_train", "32", "--shapes_test", "8", "--t
         "--patch_nums", "1,2,3,4", "--tok_batch", "16", "--tok_epochs", "0.5", "--depth", "2",
         "--width", "64", "--num_heads", "2", "--gen_batch", "16", "--gen_epochs", "0.5",
         "--image_every", "1000", "--ckpt_every", "1000", "--samples_per_class", "1",
-        "--cfg_scale", "2.0", "--top_k", "20", "--device", "cpu"]
+        "--guidance", "2.0", "--top_k", "20", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def reference(run, labels, seed, batch, **settings):
     as uint8 (N, H, W, C) -- computed without sample.py."""
     model, tok, ck = runtime.load_generator(run / "mvar.pt")
     t = ck["config"]["train"]
-    opts = dict(cfg_scale=t["cfg_scale"], top_k=t["top_k"], top_p=t["top_p"])
+    opts = dict(guidance=t["guidance"], top_k=t["top_k"], top_p=t["top_p"])
     opts.update(settings)
     gen = torch.Generator().manual_seed(seed)
     out = [model.generate(tok, labels[i:i + batch], generator=gen, **opts) for i in range(0, len(labels), batch)]
@@ -225,7 +225,7 @@ def test_official_weights_load_and_sample(official, tmp_path):
     tok.load_state_dict(tok_sd)
     gen = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 999, 0, 999, 0, 999])
-    want = torch.cat([model.generate(tok, labels[i:i + 3], cfg_scale=1.5, top_k=900, top_p=0.96, generator=gen)
+    want = torch.cat([model.generate(tok, labels[i:i + 3], guidance=1.5, top_k=900, top_p=0.96, generator=gen)
                       for i in (0, 3)])
     np.testing.assert_array_equal(written["arr_0"], (want * 255).round().byte().permute(0, 2, 3, 1).numpy())
 
