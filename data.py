@@ -12,7 +12,8 @@ The plumbing that feeds train.py and sample.py; nothing in it is part of the met
      stores the result, reuses it while the tokenizer and the data are unchanged, and merges
      the shards that torchrun's processes encode.
   4. Pictures: PNG grids (cells upscaled so they can be seen, labelled with class names), the
-     loss plot, and the uint8 layout of FID .npz files.
+     training's reconstruction and sample grids, the loss plot, and the uint8 layout of FID
+     .npz files.
 
 Key convention of every dataset: ds[i] is the evaluation view (centre crop, no flip); ds[(i,
 epoch)] is the training view, whose random crop / flip comes from a generator seeded by (seed,
@@ -497,11 +498,11 @@ def cached_tokens(path, identity: dict, encode_split) -> dict:
     if path.exists():
         try:
             cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if cache.get("identity") == identity:
-                return cache
             reason = "the tokenizer or the data settings changed"
         except Exception as e:
-            reason = f"it is unreadable ({type(e).__name__})"
+            cache, reason = {}, f"it is unreadable ({type(e).__name__})"
+        if isinstance(cache, dict) and cache.get("identity") == identity:
+            return _labels_checked(cache)
         if rank == 0:
             print(f"token cache {path} is stale ({reason}); rebuilding it")
     part = lambda split, r: path.with_name(f".{path.stem}.{split}.part{r}")
@@ -529,7 +530,13 @@ def cached_tokens(path, identity: dict, encode_split) -> dict:
                 part(split, r).unlink()
     if world > 1:
         dist.barrier()
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return _labels_checked(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+
+
+def _labels_checked(cache: dict) -> dict:
+    for split in ("train", "test"):
+        check_labels(cache[split]["labels"], cache["num_classes"], f"token cache ({split})")
+    return cache
 
 
 # ============================================================================================
@@ -571,6 +578,33 @@ def save_image_grid(images: torch.Tensor, path, ncol: int, column_labels=(), row
         draw.text((2, top + 2 + r * cell + cell // 2 - 6), str(text), fill=black, font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
+
+
+@torch.no_grad()
+def save_recon_grid(tokenizer, images: torch.Tensor, path) -> None:
+    """Stage 1's picture: images (n, Cimg, S, S) in [-1, 1] in the top row, the tokenizer's
+    reconstructions (encode to tokens, decode) below. Leaves the tokenizer in training mode."""
+    recon = tokenizer.eval().idx_to_img(tokenizer.img_to_idx(images))
+    tokenizer.train()
+    save_image_grid(torch.cat([images, recon]).add(1).div(2), path, len(images))
+
+
+@torch.no_grad()
+def save_generator_pictures(cfg, model, tokenizer, class_names, history, step=None) -> None:
+    """train.py stage 2's pictures: a sample grid -- one column per class (the first 10),
+    cfg.samples_per_class rows, a fixed seed, the run's guidance / top-k / top-p -- and the loss
+    plot. RUN/images/<arch>_step<step>.png during training, RUN/<arch>_samples.png at the end."""
+    run, classes, was_training = Path(cfg.out_dir), min(len(class_names), 10), model.training
+    name = f"{cfg.arch}_samples.png" if step is None else f"images/{cfg.arch}_step{step:07d}.png"
+    device = next(model.parameters()).device
+    labels = torch.arange(classes, device=device).repeat(cfg.samples_per_class)
+    images = model.eval().generate(tokenizer, labels, guidance=cfg.guidance, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    model.train(was_training)
+    save_image_grid(images, run / name, classes, column_labels=class_names[:classes])
+    save_loss_plot(history, run / f"{cfg.arch}_loss.png", f"stage 2: {cfg.arch}")
+    if step is None:
+        print(f"wrote {run / f'{cfg.arch}.pt'}, {run / name}, {run / f'{cfg.arch}_loss.png'}")
 
 
 def to_uint8_nhw3(images: torch.Tensor) -> np.ndarray:

@@ -6,39 +6,44 @@ VAR (arXiv 2404.02905). Each block splits VAR's attention in two: attention *ins
 Mamba-2 layer (arXiv 2405.21060) that runs causally over the whole flattened sequence of scales and
 carries information from coarse to fine scales at linear cost. Sections, top to bottom: 1 the scan
 (a loop, then chunked), 2 the Mamba-2 layer, 3 config, 4 attention, 5 the AdaLN block, 6 the model
-(forward pass, sampler), 7 sampling rules and the loss. FFN and AdaLNBeforeHead keep VAR's names.
+(forward pass, sampler), 7 sampling rules and the loss, 8 the checks of what a user passes in.
+FFN and AdaLNBeforeHead keep VAR's names.
 
-Shape letters, one meaning each in the whole project (lower case in einsum / einops strings,
-except L, which stays L there so as not to read as l):
+Words. A *scale* is one level of the token pyramid, and nothing else. AdaLN computes
+LN(x) * (1 + gain) + shift and multiplies a branch's output by a *gate*; attention multiplies
+q . k by a *temperature*; classifier-free guidance has a strength, *guidance*.
+
+Shape letters, the sizes in docstrings and shape comments: one meaning each in the whole project
+(written lower case in einsum / einops strings, except L, which stays L there so as not to read as l):
   B    batch                                 C     model width (d_model)
-  K    number of scales; k a scale index     V     codebook size (vocab_size)
+  K    number of scales                      V     codebook size (vocab_size)
   pn   side of one scale's token map         Cvae  tokenizer latent channels
-  l    pn^2, the tokens of one scale         L     sum of pn^2, the tokens of all scales
-  H    heads of the layer at hand: ScaleAttention's num_heads, or Mamba2's expand * C / P SSM
-       heads (at depth 16: 16 attention heads, 32 SSM heads); d  channels per attention head
-  P    channels per SSM head (headdim)       N     SSM state size (d_state)
-  G    groups of SSM heads sharing the SSM's B and C (r = H / G heads per group)
-  Q    chunk length of the parallel scan     c     chunk index / number of chunks
-Cimg, S (image channels and side) and h, w (latent size) are tokenizer.py's. L is also the length
-of any sequence given to a scan or a Mamba layer. B and C also name the SSM's input and output
-matrices, as in the papers. The scan's comments add i, j: token positions (i receives, j sends;
-in the sequence, or, in the steps of the chunked scan, in a chunk, counted from 0 in each one),
-and m: a chunk, in the chunk-to-chunk step.
+  l    pn^2, the tokens of one scale         L     sequence length: the tokens a layer is given
+                                                   (all the scales, sum pn^2, when teacher-forced)
+  H    heads of the layer at hand: num_heads in attention, expand * C / P in Mamba-2
+       (at depth 16: 16 attention heads, 32 SSM heads)
+  d    channels per attention head           P     channels per SSM head (headdim)
+  N    SSM state size (d_state)              G     groups of SSM heads that share Bm and Cm
+  r    SSM heads per group, H / G            Q     chunk length of the parallel scan
+  c    number of chunks
+Indices: k a scale, i and j token positions (i receives, j sends), m a chunk, t a step of the
+loop. The SSM's matrices, A B C D in the Mamba-2 paper, are A, Bm, Cm, D here (so that B and C
+stay sizes). Cimg, S (image channels and side) and h, w (latent size) are tokenizer.py's.
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
   Mamba-2 §6, the SSD algorithm: chunked matmuls, and a short      ssd_scan_parallel, segsum
     loop that passes states from chunk to chunk
   Mamba-2 §7, the Mamba-2 layer (projections, conv, gated norm)    Mamba2, GatedRMSNorm
-  M-VAR method, intra-scale modeling: bidirectional attention      ScaleAttention, attention_pairs
-    restricted to one scale
+  M-VAR method, intra-scale modeling: bidirectional attention      ScaleAttention.forward (the
+    restricted to one scale                                        rule), attention_pairs
   M-VAR method, inter-scale modeling: Mamba over all scales        Block (second residual line)
   M-VAR method, the block: three AdaLN-modulated, gated residual   Block.forward
     lines (attention, Mamba, FFN); VAR's block has no Mamba line
   VAR / M-VAR, next-scale prediction with teacher forcing          MVAR.forward, compute_loss
   VAR / M-VAR sampling: scale by scale, CFG ramp, top-k / top-p    MVAR.sample_tokens,
                                                                    Block.forward_one_scale
-Map 2, the official code's names to this file's (state-dict keys are the official ones):
+Map 2, the official code's names to this file's:
   AdaLNSelfAttn (VAR, M-VAR)                        Block
   SelfAttention                                     ScaleAttention
   Mamba2, RMSNormGated (mamba_ssm)                  Mamba2, GatedRMSNorm
@@ -48,20 +53,26 @@ Map 2, the official code's names to this file's (state-dict keys are the officia
                                                     states on with one more exp(segsum) matmul
                                                     where this file loops over the chunks)
   selective_state_update (one decoding step)        ssd_scan_sequential with L = 1
-  autoregressive_infer_cfg                          MVAR.sample_tokens
+  autoregressive_infer_cfg                          MVAR.sample_tokens (it re-runs Mamba over the
+                                                    prefix at every scale; this file carries the
+                                                    state: benchmarks/rerun_sampler.py keeps the
+                                                    official way, as the baseline)
   init_weights                                      MVAR._init_weights
   sample_with_top_k_top_p_, gumbel_softmax_with_rng top_k_top_p_filter, sample_top_k_top_p,
                                                     gumbel_softmax
   DropPath                                          Block.adaln's gate
+  AdaLN's gamma1, scale1, shift1 (and 2, 3)         gate, gain, shift of branch 1 (2, 3)
+  cfg (the sampler's argument)                      guidance
+State-dict keys are the official ones, so released checkpoints load as they are: among them
+`scale_mul_1H11` (the log of the attention temperature), `ada_lin` (the AdaLN rows: gates, gains,
+shifts), `mat_qkv`, `q_bias`, `v_bias`, `pos_1LC`, `lvl_embed`, `head_nm`; `lvl_1L` is not saved.
 The tokenizer side of the official code (idxBl_to_var_input, get_next_autoregressive_input,
 f_to_idxBl_or_fhat) lives in tokenizer.py. Left out: mamba_ssm's fused GPU kernels (everything
 here is plain torch, so it runs on any device) and VAR's flash-attention / fused-norm options.
 """
 
 import dataclasses
-import itertools
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -75,15 +86,18 @@ from einops import rearrange, repeat
 # =====================================================================================
 # Mamba-2's SSM, per head h with a *scalar* decay A_h < 0 and step sizes dt_t > 0:
 #
-#     state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * outer(x_t, B_t)      state: (P, N)
-#     y_t     = state_t @ C_t + D_h * x_t                                      y_t:   (P,)
+#     state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * outer(x_t, Bm_t)     state: (P, N)
+#     y_t     = state_t @ Cm_t + D_h * x_t                                     y_t:   (P,)
 #
+# The decay exp(dt_t A_h) is what makes the SSM *selective*: dt_t is computed from the token, so
+# a token can decide how much of the past to keep (dt large: forget; dt small: keep). A is one
+# number per head in Mamba-2 (a diagonal matrix in Mamba-1), which is what lets §6 rewrite the
+# whole recurrence as matmuls.
 # `ssd_scan_sequential` is this recurrence written as a loop: the reference, and the one-step
 # update used while sampling. `ssd_scan_parallel` computes exactly the same thing with a few
 # large matmuls (the "SSD" chunked algorithm of Mamba-2 §6), which is what makes training fast
 # on any device: it uses only cumsum / exp / masks / batched matmuls and a short loop over chunks,
-# no custom kernel.
-# Inside the scan functions the batch is `b`, because B and C name the SSM's matrices there.
+# no custom kernel. Both check their inputs' shapes first (section 8, at the end of the file).
 
 
 def _state_dtype(dtype):
@@ -91,29 +105,27 @@ def _state_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def ssd_scan_sequential(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_scan_sequential(x, dt, A, Bm, Cm, D=None, initial_state=None):
     """The SSM recurrence as a plain loop over time (reference; one-step update when L = 1).
 
-    x (b, L, H, P), dt (b, L, H) > 0, A (H,) < 0, B and C (b, L, G, N), D (H,) (the per-head
-    skip weight) or None, initial_state (b, H, P, N) or None (zeros)  ->  y (b, L, H, P) in x's
-    dtype, final_state (b, H, P, N) in float32 (float64 if x is float64).
+    x (B, L, H, P), dt (B, L, H) > 0, A (H,) < 0, Bm and Cm (B, L, G, N), D (H,) (the per-head
+    skip weight) or None, initial_state (B, H, P, N) or None (zeros)  ->  y (B, L, H, P) in x's
+    dtype, final_state (B, H, P, N) in float32 (float64 if x is float64).
     """
-    b, L, H, P, G, N = _check_scan_inputs(x, dt, A, B, C, D, initial_state)
+    B, L, H, P, G, N = _check_scan_inputs(x, dt, A, Bm, Cm, D, initial_state)
     sdtype = _state_dtype(x.dtype)
-    # Head h reads group h // (H / G): repeat each group's B and C for its r = H / G heads.
-    B = repeat(B, "... g n -> ... (g r) n", r=H // G).to(sdtype)          # (b, L, H, N)
-    C = repeat(C, "... g n -> ... (g r) n", r=H // G).to(sdtype)
+    # Head h reads group h // (H / G): repeat each group's Bm and Cm for its H / G heads.
+    Bm, Cm = (repeat(t, "... g n -> ... (g r) n", r=H // G).to(sdtype) for t in (Bm, Cm))  # (B, L, H, N)
     xs, dts = x.to(sdtype), dt.to(sdtype)
-    decay = torch.exp(dts * A.to(sdtype))                       # (b, L, H), in (0, 1]
-    state = (torch.zeros(b, H, P, N, dtype=sdtype, device=x.device) if initial_state is None
-             else initial_state.to(sdtype))
+    decay = torch.exp(dts * A.to(sdtype))                       # (B, L, H), in (0, 1]
+    state = x.new_zeros(B, H, P, N, dtype=sdtype) if initial_state is None else initial_state.to(sdtype)
     ys = []
     for t in range(L):
-        # state_t = exp(dt_t A) state_{t-1} + dt_t x_t B_t^T   (outer product: (P, N) per head)
+        # state_t = exp(dt_t A) state_{t-1} + dt_t x_t Bm_t^T   (outer product: (P, N) per head)
         state = (decay[:, t, :, None, None] * state
-                 + (dts[:, t, :, None] * xs[:, t])[..., None] * B[:, t, :, None, :])
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))   # y_t = state_t C_t
-    y = torch.stack(ys, dim=1)                                  # (b, L, H, P)
+                 + (dts[:, t, :, None] * xs[:, t])[..., None] * Bm[:, t, :, None, :])
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Cm[:, t]))   # y_t = state_t Cm_t
+    y = torch.stack(ys, dim=1)                                  # (B, L, H, P)
     if D is not None:
         y = y + D.to(sdtype)[:, None] * xs
     return y.to(x.dtype), state
@@ -137,12 +149,12 @@ def segsum(a):
     (Q, Q) copy; that one costs about twice the time on a CPU, benchmarks/RESULTS.md.)
     """
     Q = a.shape[-1]
-    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()    # j <= i
     cs = a.cumsum(dim=-1)                                               # a[0] + ... + a[i]
-    return (cs[..., :, None] - cs[..., None, :]).masked_fill_(~ones.tril(), float("-inf"))
+    return (cs[..., :, None] - cs[..., None, :]).masked_fill_(~causal, float("-inf"))
 
 
-def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
+def ssd_scan_parallel(x, dt, A, Bm, Cm, D=None, initial_state=None, chunk_size=64):
     """The same recurrence as `ssd_scan_sequential` (same arguments and results), computed chunk
     by chunk with matmuls; chunk_size caps the chunk length Q (below: Q = ceil(L / c) for the
     c = ceil(L / chunk_size) chunks, so that there is almost no padding).
@@ -150,28 +162,27 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     Unroll the recurrence: with a_t = dt_t * A (the log of step t's decay, <= 0), and i, j
     positions in the sequence (from 0),
 
-        y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) * (C_i . B_j) * dt_j x_j
-              + exp(a_0 + ... + a_i) * initial_state @ C_i  +  D x_i.
+        y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) * (Cm_i . Bm_j) * dt_j x_j
+              + exp(a_0 + ... + a_i) * initial_state @ Cm_i  +  D x_i.
 
-    As a matrix, y = (decay matrix * C B^T) @ (dt x): causal "attention" with a decay mask.
-    Doing that over the whole sequence costs L^2; the loop costs L steps that each read and
-    write the whole (P, N) state. SSD cuts the sequence into c chunks of Q tokens and uses
+    As a matrix, y = (decay matrix * Cm Bm^T) @ (dt x): causal "attention" with a decay mask
+    (Mamba-2's "state space duality", the SSD of its title). Doing that over the whole sequence
+    costs L^2; the loop costs L steps that each read and write the whole (P, N) state. SSD cuts
+    the sequence into c chunks of Q tokens and uses
       1. the matrix form inside each chunk (one (Q, Q) matmul per chunk and head),
       2. the state at each chunk's end from that chunk's own tokens (one matmul),
       3. a short loop over the c chunk states to pass them on from chunk to chunk,
       4. the carried-in state's contribution to every token of the chunk (one matmul).
     Steps 1, 2 and 4 are matmuls over all chunks at once; step 3 touches only c states. (In the
     steps' comments below, i and j count from 0 inside each chunk.)
-    Work is O(L Q P + L P N) per head plus O(L Q N) per group (C B^T), and no (b, L, H, P, N)
+    Work is O(L Q P + L P N) per head plus O(L Q N) per group (Cm Bm^T), and no (B, L, H, P, N)
     tensor is ever built.
 
     dtypes: the decays (cumsum, segment sums, exp) are computed in float32 (float64 for float64
     inputs) whatever the input dtype; the matmuls run in x's dtype (so bf16 uses bf16 matmuls);
     the chunk-to-chunk states are carried in float32, where errors would compound.
     """
-    b, L, H, P, G, N = _check_scan_inputs(x, dt, A, B, C, D, initial_state)
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    B, L, H, P, G, N = _check_scan_inputs(x, dt, A, Bm, Cm, D, initial_state, chunk_size)
     # c chunks of equal length Q <= chunk_size, Q chosen from L so that c * Q - L < c: at most a
     # few padding tokens (L = 88 with chunk_size 64 is 2 chunks of 44, not 2 of 64 with 40 padding;
     # a sequence shorter than one chunk, as the sampler's single scales are, is one chunk).
@@ -184,71 +195,51 @@ def ssd_scan_parallel(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64)
     #    everything out as (batch, group, head in group, chunk, position, channel), so that every
     #    product below is a plain batched matmul over the leading dims.
     pad = c * Q - L
-    xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
-                       for t in (x, dt, B, C))                   # pad the length dim (dim 1)
+    xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, Bm, Cm))  # length dim
     a = rearrange(dts.to(sdtype) * A.to(sdtype), "b (c q) (g r) -> b g r c q", q=Q, g=G)
     xdt = rearrange(xs * dts[..., None].to(cdtype),                  # dt_j x_j: step j's input
                     "b (c q) (g r) p -> b g r c q p", q=Q, g=G).contiguous()
     Bs, Cs = (rearrange(t.to(cdtype), "b (c q) g n -> b g 1 c q n", q=Q).contiguous()
-              for t in (Bs, Cs))                                        # (b, G, 1, c, Q, N)
+              for t in (Bs, Cs))                                        # (B, G, 1, c, Q, N)
 
-    # 1. Inside each chunk: y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) (C_i . B_j) dt_j x_j.
+    # 1. Inside each chunk: y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) (Cm_i . Bm_j) dt_j x_j.
     #    decay[..., i, j] is the decay from step j to step i (0 for j > i: causal); CB[..., i, j]
-    #    is C_i . B_j, computed once per group and shared by its r heads. Their product is each
+    #    is Cm_i . Bm_j, computed once per group and shared by its heads. Their product is each
     #    head's (Q, Q) mixing matrix for the chunk, applied to dt x by one batched matmul.
-    decay = torch.exp(segsum(a))                                        # (b, G, r, c, Q, Q)
-    CB = Cs @ Bs.transpose(-1, -2)                                      # (b, G, 1, c, Q, Q)
-    y = (CB * decay.to(cdtype)) @ xdt                                   # (b, G, r, c, Q, P)
+    decay = torch.exp(segsum(a))                                        # (B, G, r, c, Q, Q)
+    CB = Cs @ Bs.transpose(-1, -2)                                      # (B, G, 1, c, Q, Q)
+    y = (CB * decay.to(cdtype)) @ xdt                                   # (B, G, r, c, Q, P)
 
     # 2. The state each chunk leaves behind from its own tokens (as if it started at zero):
-    #    s = sum_j exp(a_{j+1} + ... + a_{Q-1}) dt_j x_j B_j^T. The decay from step j to the
-    #    chunk's last step is the last row of the decay matrix; it scales B_j.
-    B_to_end = Bs * decay[..., -1, :, None].to(cdtype)                  # (b, G, r, c, Q, N)
-    states = xdt.transpose(-1, -2) @ B_to_end                           # (b, G, r, c, P, N)
+    #    s = sum_j exp(a_{j+1} + ... + a_{Q-1}) dt_j x_j Bm_j^T. The decay from step j to the
+    #    chunk's last step is the last row of the decay matrix; it scales Bm_j.
+    B_to_end = Bs * decay[..., -1, :, None].to(cdtype)                  # (B, G, r, c, Q, N)
+    states = xdt.transpose(-1, -2) @ B_to_end                           # (B, G, r, c, P, N)
 
     # 3. Pass the states from chunk to chunk: h_m = exp(sum of a over chunk m) h_{m-1} + s_m,
     #    the same recurrence again, over c chunk states instead of L tokens: a loop of c steps
     #    (11 for the 256px pyramid). h_in[m] is the state entering chunk m; the last h is the
     #    final state. (notebooks/01_parallel_scan.ipynb does this loop in log depth, and times
     #    both: for so few chunks the loop is faster on a CPU.)
-    h = (torch.zeros(b, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
+    h = (torch.zeros(B, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
          else rearrange(initial_state.to(sdtype), "b (g r) p n -> b g r p n", g=G))
-    chunk_decay = torch.exp(a.sum(dim=-1))[..., None, None]             # (b, G, r, c, 1, 1)
+    chunk_decay = torch.exp(a.sum(dim=-1))[..., None, None]             # (B, G, r, c, 1, 1)
     h_in = []
-    for s_i, decay_i in zip(states.to(sdtype).unbind(3), chunk_decay.unbind(3)):
+    for s_m, decay_m in zip(states.to(sdtype).unbind(3), chunk_decay.unbind(3)):
         h_in.append(h)
-        h = decay_i * h + s_i
-    h_in = torch.stack(h_in, dim=3)                                     # (b, G, r, c, P, N)
+        h = decay_m * h + s_m
+    h_in = torch.stack(h_in, dim=3)                                     # (B, G, r, c, P, N)
 
-    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) h_in @ C_i
-    #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate; it scales C_i).
-    C_from_start = Cs * torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)   # (b, G, r, c, Q, N)
-    y = y + C_from_start @ h_in.to(cdtype).transpose(-1, -2)               # (b, G, r, c, Q, P)
+    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) h_in @ Cm_i
+    #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate; it scales Cm_i).
+    C_from_start = Cs * torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)   # (B, G, r, c, Q, N)
+    y = y + C_from_start @ h_in.to(cdtype).transpose(-1, -2)               # (B, G, r, c, Q, P)
 
-    # Back to (b, L, H, P), dropping the padding, plus the skip connection D x.
+    # Back to (B, L, H, P), dropping the padding, plus the skip connection D x.
     y = rearrange(y, "b g r c q p -> b (c q) (g r) p")[:, :L]
     if D is not None:
         y = y + D.to(cdtype)[:, None] * x
     return y.to(x.dtype), rearrange(h, "b g r p n -> b (g r) p n")
-
-
-def _check_scan_inputs(x, dt, A, B, C, D, initial_state):
-    """The scans' shape checks -> (b, L, H, P, G, N); a ValueError names the input that is off."""
-    if x.dim() != 4 or x.shape[1] == 0:
-        raise ValueError(f"x must have shape (batch, length, heads, headdim) with length >= 1 (an "
-                         f"empty sequence has nothing to scan), got {tuple(x.shape)}")
-    b, L, H, P = x.shape
-    G, N = B.shape[2:] if B.dim() == 4 else (1, -1)
-    if B.shape != (b, L, G, N) or C.shape != B.shape:
-        raise ValueError(f"B and C must both have shape (batch, length, groups, d_state) with "
-                         f"batch, length = {(b, L)}; got B {tuple(B.shape)}, C {tuple(C.shape)}")
-    if H % G:
-        raise ValueError(f"the number of groups ({G}) must divide the number of heads ({H})")
-    for name, t, want in [("dt", dt, (b, L, H)), ("A", A, (H,)), ("D", D, (H,)),
-                          ("initial_state", initial_state, (b, H, P, N))]:
-        if t is not None and t.shape != want:
-            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-    return b, L, H, P, G, N
 
 
 # =====================================================================================
@@ -257,24 +248,26 @@ def _check_scan_inputs(x, dt, A, B, C, D, initial_state):
 # One Mamba-2 layer around the scan above:
 #
 #   u -> in_proj -> [z | xBC | dt]
-#        xBC -> causal depthwise conv (kernel d_conv) -> SiLU -> split into x, B, C
+#        xBC -> causal depthwise conv (kernel d_conv) -> SiLU -> split into x, Bm, Cm
 #        dt  -> softplus(dt + dt_bias);   A = -exp(A_log)
-#        y = scan(x, dt, A, B, C, D)                          (per head: P = headdim channels)
+#        y = scan(x, dt, A, Bm, Cm, D)                        (per head: P = headdim channels)
 #        y = rmsnorm(y * silu(z)) * norm.weight               (gated RMSNorm, per group)
 #   -> out_proj -> output
 #
-# Parameter names, shapes and initialisation follow mamba_ssm's `Mamba2` module, so M-VAR's
-# released checkpoints load into it. The layer is causal, and everything it remembers about the
-# past is a small state: the last d_conv - 1 inputs of the convolution and the SSM state. Passing
-# that state between calls lets the sampler feed one scale at a time (or one token at a time)
-# and get what the whole-sequence forward pass gives (equal up to float round-off: the pieces are
-# chunked differently).
+# Unlike Mamba-1, Mamba-2 computes x, Bm, Cm and dt all at once from the layer's input (one
+# in_proj, §7.1), which is what allows the one big projection. Parameter names, shapes and
+# initialisation follow mamba_ssm's `Mamba2` module, so M-VAR's released checkpoints load into it.
+# The layer is causal, and everything it remembers about the past is a small state: the last
+# d_conv - 1 inputs of the convolution and the SSM state. Passing that state between calls lets
+# the sampler feed one scale at a time (or one token at a time) and get what the whole-sequence
+# forward pass gives (equal up to float round-off: the pieces are chunked differently).
 
 
 class Mamba2State(NamedTuple):
     """What a Mamba2 layer carries from one piece of a sequence to the next."""
     conv: torch.Tensor  # (B, conv_dim, d_conv - 1): the last d_conv - 1 inputs of the conv
-    ssm: torch.Tensor   # (B, H, P, N): the SSM state (float32, or float64 for a float64 model)
+    ssm: torch.Tensor   # (B, H, P, N): the SSM state (float32, or float64 for a float64 model);
+    #                     None at the start of a sequence (the scans then start from zeros)
 
 
 class GatedRMSNorm(nn.Module):
@@ -297,67 +290,45 @@ class Mamba2(nn.Module):
     """Mamba-2 layer. forward: u (B, L, d_model), state or None -> y (B, L, d_model), new state.
 
     d_inner = expand * d_model channels are split into H = d_inner / headdim heads of P = headdim
-    channels; B and C (d_state = N each) are shared by the H / ngroups heads of each group.
+    channels; Bm and Cm (d_state = N each) are shared by the H / ngroups heads of each group.
+    MVARConfig checks that headdim divides d_inner (section 8).
     """
 
     def __init__(self, d_model, d_state=64, d_conv=4, expand=2, headdim=64, ngroups=1,
                  chunk_size=64, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, A_init_range=(1, 16)):
         super().__init__()
-        d_inner, nheads = expand * d_model, expand * d_model // headdim
-        if d_inner % headdim or nheads % ngroups:
-            raise ValueError(f"expand * d_model = {d_inner} must split into heads of headdim = "
-                             f"{headdim}, and ngroups = {ngroups} must divide their number")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
-        self.d_inner, self.nheads, self.ngroups = d_inner, nheads, ngroups
-        self.chunk_size = chunk_size
-        self.conv_dim = d_inner + 2 * ngroups * d_state          # x, B, C all go through the conv
+        self.d_inner, self.nheads = expand * d_model, expand * d_model // headdim
+        self.d_state, self.d_conv, self.headdim, self.ngroups = d_state, d_conv, headdim, ngroups
+        self.chunk_size, self.conv_dim = chunk_size, self.d_inner + 2 * ngroups * d_state  # x, Bm, Cm: conv
 
         # one projection for everything: z (gate), xBC (conv input), dt (one per head)
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=False)
         # Depthwise (one filter per channel) and causal: the sequence is left-padded with the
         # carried state (zeros at the start), so no padding inside the module itself.
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim)
 
         # dt = softplus(dt_raw + dt_bias) starts log-uniform in [dt_min, dt_max]: dt_bias is the
         # inverse softplus of such a draw, log(exp(dt) - 1) = dt + log(1 - exp(-dt)).
-        log_dt = torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        log_dt = torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         dt = torch.exp(log_dt).clamp(min=dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        # A = -exp(A_log) < 0 with -A uniform in A_init_range: per-head decay rates.
-        self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(*A_init_range)))
-        self.D = nn.Parameter(torch.ones(nheads))                # skip connection y += D x
+        # A = -exp(A_log) < 0 with -A uniform in A_init_range: per-head decay rates, from a
+        # memory of about 1 / (dt |A|) tokens for the fast heads to many more for the slow ones.
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
+        self.D = nn.Parameter(torch.ones(self.nheads))           # skip connection y += D x
         for param in (self.dt_bias, self.A_log, self.D):
             param._no_weight_decay = True                        # as in mamba_ssm: no weight decay
 
-        self.norm = GatedRMSNorm(d_inner, group_size=d_inner // ngroups, eps=1e-5)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-
-    def init_state(self, batch, device=None, dtype=None):
-        """The empty state (all zeros): what a sequence starts from. -> Mamba2State."""
-        device = self.A_log.device if device is None else device
-        dtype = self.A_log.dtype if dtype is None else dtype
-        return Mamba2State(
-            conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
-            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
-                            dtype=_state_dtype(dtype)))
+        self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // ngroups, eps=1e-5)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def forward(self, u, state=None):
         """u (B, L, d_model), state (Mamba2State for batch B, or None = start of the sequence)
         -> y (B, L, d_model), the state after the last token (pass it to the next call)."""
-        if u.dim() != 3 or u.shape[-1] != self.d_model:
-            raise ValueError(f"u must have shape (batch, length, d_model={self.d_model}), "
-                             f"got {tuple(u.shape)}")
-        b, L, _ = u.shape
+        B, L, _ = u.shape
         H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
-        if state is None:
-            state = self.init_state(b, u.device, u.dtype)
-        elif (state.conv.shape, state.ssm.shape) != ((b, self.conv_dim, self.d_conv - 1),
-                                                     (b, H, P, N)):
-            raise ValueError(f"state does not fit this layer and batch {b}: pass the state this "
-                             f"layer returned for the same batch, or None")
-
+        if state is None:   # the start of a sequence: no conv inputs before it, an all-zero SSM state
+            state = Mamba2State(u.new_zeros(B, self.conv_dim, self.d_conv - 1), None)
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
 
         # Causal conv: prepend the last d_conv - 1 inputs of the previous piece; the window
@@ -372,10 +343,9 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.to(fdtype))                                     # (H,) < 0
         x = rearrange(x, "... (h p) -> ... h p", p=P)                            # (B, L, H, P)
         Bm, Cm = (rearrange(t, "... (g n) -> ... g n", n=N) for t in (Bm, Cm))   # (B, L, G, N)
-        if L == 1:    # one token (sampling): a single step of the recurrence is all it takes
-            y, ssm_state = ssd_scan_sequential(x, dt, A, Bm, Cm, self.D, state.ssm)
-        else:
-            y, ssm_state = ssd_scan_parallel(x, dt, A, Bm, Cm, self.D, state.ssm, self.chunk_size)
+        # one token (sampling a 1x1 scale): a single step of the recurrence is all it takes
+        y, ssm_state = (ssd_scan_sequential(x, dt, A, Bm, Cm, self.D, state.ssm) if L == 1 else
+                        ssd_scan_parallel(x, dt, A, Bm, Cm, self.D, state.ssm, self.chunk_size))
 
         y = self.norm(rearrange(y, "... h p -> ... (h p)"), z)
         return self.out_proj(y), Mamba2State(conv_state, ssm_state)
@@ -385,11 +355,12 @@ class Mamba2(nn.Module):
 # 3. Configuration
 # =====================================================================================
 # One dataclass holds every choice that changes the network. The defaults are M-VAR-d16 on
-# ImageNet 256, the paper's smallest model; `depth` drives the rest (width = 64*depth, heads =
-# depth), VAR's size rule, which M-VAR keeps, so "d16" or "d20" names a whole model.
+# ImageNet 256, the smallest model the M-VAR paper reports (the official code also trains a d12).
+# `depth` drives the rest (width = 64*depth, heads = depth), VAR's size rule, which M-VAR keeps,
+# so "d16" or "d20" names a whole model.
 
 
-@dataclass
+@dataclasses.dataclass
 class MVARConfig:
     arch: str = "mvar"            # "mvar" (attention inside a scale + Mamba-2 across scales) or "var"
     depth: int = 16               # number of blocks
@@ -403,9 +374,9 @@ class MVARConfig:
     cond_drop: float = 0.1        # probability of replacing the class by the null class (CFG)
     attn_l2_norm: bool = True     # cosine attention with a learned per-head temperature
     drop_path: float = -1.0       # max drop-path rate; < 0 means 0.1 * depth / 24 (VAR's rule)
-    alng: float = 1e-3            # init scale of the AdaLN gate rows (VAR's `alng`)
-    aln: float = 0.5              # init scale of the AdaLN scale/shift rows (VAR's `aln`)
-    head_init: float = 0.02       # init scale of the output head (VAR's `hd`)
+    alng: float = 1e-3            # init multiplier of the AdaLN gate rows (VAR's `alng`)
+    aln: float = 0.5              # init multiplier of the AdaLN gain and shift rows (VAR's `aln`)
+    head_init: float = 0.02       # init multiplier of the output head (VAR's `hd`)
     # Mamba-2 settings of M-VAR's released models (d_state 64; mamba_ssm's own default is 128);
     # scan_chunk is this file's (mamba_ssm's kernel uses 256). d_inner = expand * width = H * P.
     d_state: int = 64
@@ -416,16 +387,10 @@ class MVARConfig:
 
     def __post_init__(self):
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
-        if self.arch not in ("mvar", "var"):
-            raise ValueError(f"arch must be 'mvar' or 'var', got {self.arch!r}")
         self.width = self.width if self.width > 0 else 64 * self.depth
         self.num_heads = self.num_heads if self.num_heads > 0 else self.depth
         self.drop_path = self.drop_path if self.drop_path >= 0 else 0.1 * self.depth / 24
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        pn = self.patch_nums
-        if len(pn) < 2 or any(b <= a for a, b in zip(pn, pn[1:])) or pn[0] < 1:
-            raise ValueError(f"patch_nums must be two or more strictly increasing sizes, got {pn}")
+        _check_config(self)
 
     @property
     def seq_len(self) -> int:
@@ -433,39 +398,40 @@ class MVARConfig:
         return sum(p * p for p in self.patch_nums)
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        """Plain types (patch_nums as a list), as checkpoints and JSON files store it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MVARConfig":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown MVARConfig fields {unknown}: the checkpoint comes from a "
-                             f"newer or different version of mvar.py")
+        """The inverse of to_dict. A field this version does not know (a checkpoint written by
+        another version of mvar.py) is a TypeError that names it."""
         return cls(**d)
 
 
 def scale_spans(patch_nums) -> list:
     """[(start, end)] of each scale's tokens in the flattened sequence, e.g. (1,2,3) ->
     [(0,1), (1,5), (5,14)]."""
-    ends = list(itertools.accumulate(pn * pn for pn in patch_nums))
+    ends = [sum(pn * pn for pn in patch_nums[:k + 1]) for k in range(len(patch_nums))]
     return list(zip([0] + ends[:-1], ends))
 
 
 # =====================================================================================
 # 4. Attention: inside one scale (M-VAR) or over all coarser scales (VAR)
 # =====================================================================================
-# M-VAR's observation (method section, intra-scale modeling): in VAR's block-causal attention
-# most of a token's attention mass stays inside its own scale. So M-VAR's attention is
-# *intra-scale*: token i of scale k attends to exactly the l_k = pn_k^2 tokens of scale k, in
-# both directions, and the coarse-to-fine information flow is left to Mamba. The mask would be
-# block-diagonal; instead of building an L x L mask and wasting (sum l_k)^2 work we run one small
-# attention per scale, which costs sum l_k^2 query-key pairs per layer (for the 256px pyramid
-# 110,468 pairs, vs 286,434 for VAR's block-causal attention: 2.6x fewer; see `attention_pairs`).
+# VAR's attention is block-causal: a token sees its own scale and all coarser ones.
+# M-VAR's attention is *intra-scale*: token i of scale k attends to exactly the l_k = pn_k^2
+# tokens of scale k, in both directions, and the coarse-to-fine flow is left to Mamba (M-VAR,
+# method section, intra-scale modeling). The paper motivates it with an observation on VAR's
+# ImageNet 256 models (d16 and up): most of a token's attention falls inside its own scale. This
+# project sees it only moderately at its own small scale: the shipped Fashion-MNIST VAR puts 0.75
+# of its attention on its own scale, against 0.60 if it attended uniformly to the keys it may see
+# (0.58 untrained; notebooks/04_attention_inside_a_scale.ipynb).
 #
-# VAR's attention is block-causal: a token sees its own scale and all coarser ones. The same
-# per-scale loop expresses it: the queries of scale k attend to keys [0, end_k). While
-# sampling, the keys of earlier scales come from a KV cache.
+# The mask would be block-diagonal; instead of building an L x L mask and wasting (sum l_k)^2 work
+# we run one small attention per scale, which costs sum l_k^2 query-key pairs per layer (for the
+# 256px pyramid 110,468 pairs, vs 286,434 for VAR's block-causal attention: 2.6x fewer; see
+# `attention_pairs`). The same per-scale loop expresses VAR's rule: the queries of scale k attend
+# to the keys [0, end_k). While sampling VAR, the keys of earlier scales come from a KV cache.
 
 
 def attention_pairs(patch_nums, arch: str) -> int:
@@ -478,53 +444,49 @@ def attention_pairs(patch_nums, arch: str) -> int:
 class ScaleAttention(nn.Module):
     """Multi-head self-attention evaluated scale by scale; H heads of d = C / H channels each.
 
-    Parameter names follow VAR / M-VAR checkpoints: `mat_qkv` (no bias), `q_bias`, `v_bias`
-    (k has no bias: without l2_norm a constant added to every key cancels in the softmax; VAR keeps
-    k bias-free with l2_norm too), `proj`, and with `l2_norm` the learned per-head log-temperature
-    `scale_mul_1H11`.
+    The attention logits are temperature * q . k. With `l2_norm` (VAR's cosine attention) q and
+    k are unit vectors and the temperature is learned per head: exp(scale_mul_1H11), at most 100
+    for stability, starting at 4. Without it the temperature is VAR's fixed 0.25 / sqrt(d), smaller
+    than the usual 1 / sqrt(d). Parameter names follow VAR / M-VAR checkpoints: `mat_qkv` (no
+    bias), `q_bias`, `v_bias` (k has no bias: without l2_norm a constant added to every key cancels
+    in the softmax; VAR keeps k bias-free with l2_norm too), `proj`, `scale_mul_1H11`.
     """
 
     def __init__(self, C: int, num_heads: int, l2_norm: bool, block_causal: bool):
         super().__init__()
-        self.num_heads, self.l2_norm = num_heads, l2_norm
-        self.block_causal = block_causal   # True: VAR (sees coarser scales); False: M-VAR
-        self.keep_probs, self.probs = False, []   # set keep_probs to look at the attention (notebook 04)
+        # block_causal: True for VAR (a scale sees the coarser ones too), False for M-VAR
+        self.num_heads, self.l2_norm, self.block_causal = num_heads, l2_norm, block_causal
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(C))
-        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(C)), nn.Parameter(torch.zeros(C))
         self.proj = nn.Linear(C, C)
-        if l2_norm:
-            # Cosine attention (VAR): q and k are unit vectors, the logit scale is learned per
-            # head, initialised at 4 and clamped at 100 for stability.
+        if l2_norm:   # the log temperature per head; forward multiplies q by its exp
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
-            self.scale = 1.0
-        else:
-            self.scale = 0.25 / math.sqrt(C // num_heads)   # VAR's choice (smaller than 1/sqrt(d))
+        # what scaled_dot_product_attention multiplies q . k by: 1 when q carries the temperature
+        self.temperature = 1.0 if l2_norm else 0.25 / math.sqrt(C // num_heads)
 
     def forward(self, x, spans, kv_cache=None):
-        """x (B, L, C) holds the scales listed in `spans` ([(start, end)] into x) -> (B, L, C), and
+        """x (B, l, C) holds the scales listed in `spans` ([(start, end)] into x) -> (B, l, C), and
         the keys and values (k, v) seen so far, each (B, H, tokens, d): VAR's sampler passes them
         back as `kv_cache` with the next scale, which attends to them as to its coarser scales."""
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = rearrange(F.linear(x, self.mat_qkv.weight, bias),
                             "b L (three h d) -> three b h L d", three=3, h=self.num_heads)
-        if self.l2_norm:
+        if self.l2_norm:   # cosine attention: unit q and k, q times its head's temperature
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100.0)).exp()
             k = F.normalize(k, dim=-1)
-        offset = 0                       # number of cached tokens in front of x
-        if kv_cache is not None:
-            offset = kv_cache[0].shape[2]
+        if kv_cache is not None:     # sampling VAR: the coarser scales' keys and values come first
             k, v = torch.cat([kv_cache[0], k], dim=2), torch.cat([kv_cache[1], v], dim=2)
+        past = k.shape[2] - x.shape[1]       # number of cached keys in front of x's own (else 0)
         outs = []
-        for start, end in spans:
-            # M-VAR: keys of this scale only. VAR: keys of this scale and every coarser one.
-            k_start = 0 if self.block_causal else offset + start
-            q_s, k_s, v_s = q[:, :, start:end], k[:, :, k_start:offset + end], v[:, :, k_start:offset + end]
-            if self.keep_probs:   # the same attention, spelled out, its probabilities kept: (B, H, l, keys)
-                self.probs.append((q_s @ k_s.transpose(-2, -1) * self.scale).softmax(-1))
-                outs.append(self.probs[-1] @ v_s)
-            else:
-                outs.append(F.scaled_dot_product_attention(q_s, k_s, v_s, scale=self.scale))
+        for start, end in spans:                        # one scale: x's rows start:end
+            q_scale = q[:, :, start:end]
+            start, end = past + start, past + end       # the same scale, counted among the keys
+            # ---- The paper's rule: which keys the queries of one scale see. ----
+            # M-VAR (intra-scale): the keys of its own scale, start:end, in both directions.
+            # VAR (block-causal): its own scale's and every coarser scale's, 0:end.
+            first = 0 if self.block_causal else start
+            outs.append(F.scaled_dot_product_attention(q_scale, k[:, :, first:end], v[:, :, first:end],
+                                                       scale=self.temperature))
         return self.proj(rearrange(torch.cat(outs, dim=2), "b h L d -> b L (h d)")), (k, v)
 
 
@@ -544,12 +506,13 @@ class FFN(nn.Module):
 # 5. The AdaLN block: attention inside a scale, Mamba-2 across scales, FFN
 # =====================================================================================
 # The M-VAR block (method section), every branch modulated by the class through AdaLN, as in VAR:
-#   x += g1 * Attn (LN(x) * (1 + s1) + b1)     intra-scale, bidirectional
-#   x += g2 * Mamba(LN(x) * (1 + s2) + b2)     inter-scale, causal over the whole sequence
-#   x += g3 * FFN  (LN(x) * (1 + s3) + b3)
+#   x += gate_1 * Attn (LN(x) * (1 + gain_1) + shift_1)     intra-scale, bidirectional
+#   x += gate_2 * Mamba(LN(x) * (1 + gain_2) + shift_2)     inter-scale, causal over the sequence
+#   x += gate_3 * FFN  (LN(x) * (1 + gain_3) + shift_3)
 # The 9 modulation vectors come from the class embedding through `ada_lin` (SiLU + Linear),
-# ordered g1,g2,g3, s1,s2,s3, b1,b2,b3 as in the official checkpoints. LN has no affine
-# parameters: AdaLN supplies them. The VAR block is the same without the Mamba line (6 vectors).
+# ordered gates, gains, shifts as in the official checkpoints (there: gamma, scale, shift). LN
+# has no affine parameters: AdaLN supplies them, so the class steers every branch of every block
+# (DiT's adaLN, which VAR takes over). The VAR block is the same without the Mamba line.
 
 
 class Block(nn.Module):
@@ -559,10 +522,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: MVARConfig, drop_path_rate: float):
         super().__init__()
-        C = cfg.width
-        self.is_mvar = cfg.arch == "mvar"
+        C, self.is_mvar, self.drop_path_rate = cfg.width, cfg.arch == "mvar", drop_path_rate
         self.num_branches = 3 if self.is_mvar else 2
-        self.drop_path_rate = drop_path_rate
         self.attn = ScaleAttention(C, cfg.num_heads, cfg.attn_l2_norm, block_causal=not self.is_mvar)
         if self.is_mvar:
             self.mamba = Mamba2(C, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
@@ -572,14 +533,15 @@ class Block(nn.Module):
 
     def adaln(self, cond_BC):
         """cond_BC (B, C) -> the two AdaLN halves of branch i (0 attention, 1 Mamba, -1 FFN):
-        norm(x, i) = LN(x) (1 + s_i) + b_i, the branch's input, and gate(y, i) = g_i y, its output
-        scaled (and in training dropped for some samples: drop-path, or stochastic depth)."""
+        norm(x, i) = LN(x) (1 + gain_i) + shift_i, the branch's input, and gate(y, i) = gate_i y,
+        its output multiplied by the gate (and in training dropped for some samples: drop-path,
+        or stochastic depth)."""
         B, C = cond_BC.shape
-        gamma, scale, shift = self.ada_lin(cond_BC).view(B, 1, 3, self.num_branches, C).unbind(2)
-        norm = lambda x, i: F.layer_norm(x, (C,), eps=1e-6) * (1 + scale[:, :, i]) + shift[:, :, i]
+        gates, gains, shifts = self.ada_lin(cond_BC).view(B, 1, 3, self.num_branches, C).unbind(2)
+        norm = lambda x, i: F.layer_norm(x, (C,), eps=1e-6) * (1 + gains[:, :, i]) + shifts[:, :, i]
 
         def gate(y, i):
-            y = y * gamma[:, :, i]
+            y = y * gates[:, :, i]
             if self.training and self.drop_path_rate > 0:
                 keep = y.new_empty(B, 1, 1).bernoulli_(1 - self.drop_path_rate)
                 y = y * keep / (1 - self.drop_path_rate)
@@ -601,29 +563,16 @@ class Block(nn.Module):
         size however many scales came before; VAR carries the attention's KV cache, which grows.
         -> (x, what to carry to the next scale). Its rows equal `forward`'s for this scale."""
         norm, gate = self.adaln(cond_BC)
-        spans = [(0, x.shape[1])]
+        y, kv = self.attn(norm(x, 0), [(0, x.shape[1])], None if self.is_mvar else carried)
+        x = x + gate(y, 0)
         if self.is_mvar:
-            x = x + gate(self.attn(norm(x, 0), spans)[0], 0)
-            y, carried = self.mamba(norm(x, 1), carried)
+            y, carried = self.mamba(norm(x, 1), carried)        # Mamba goes on from its state
             x = x + gate(y, 1)
-        else:
-            y, carried = self.attn(norm(x, 0), spans, carried)
-            x = x + gate(y, 0)
-        return x + gate(self.ffn(norm(x, -1)), -1), carried
-
-    def forward_one_scale_rerun(self, x, cond_BC, prefix=None):
-        """The official M-VAR sampler, the baseline benchmarks/generate.py measures against: carry
-        every earlier Mamba input, prefix (B, tokens so far, C), and re-run Mamba over all of it
-        at each scale. Same logits as `forward_one_scale`, with work that grows with the prefix."""
-        norm, gate = self.adaln(cond_BC)
-        x = x + gate(self.attn(norm(x, 0), [(0, x.shape[1])])[0], 0)
-        prefix = norm(x, 1) if prefix is None else torch.cat([prefix, norm(x, 1)], dim=1)
-        x = x + gate(self.mamba(prefix)[0][:, -x.shape[1]:], 1)
-        return x + gate(self.ffn(norm(x, -1)), -1), prefix
+        return x + gate(self.ffn(norm(x, -1)), -1), carried if self.is_mvar else kv
 
 
 class AdaLNBeforeHead(nn.Module):
-    """LN(x) * (1 + s) + b with (s, b) from the class embedding (VAR's `head_nm`)."""
+    """LN(x) * (1 + gain) + shift with (gain, shift) from the class embedding (VAR's `head_nm`)."""
 
     def __init__(self, C: int):
         super().__init__()
@@ -631,8 +580,8 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x, cond_BC):
         """x: (B, L, C), cond_BC: (B, C) -> (B, L, C)."""
-        scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x.shape[-1]).unbind(2)
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+        gain, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x.shape[-1]).unbind(2)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + gain) + shift
 
 
 # =====================================================================================
@@ -666,7 +615,7 @@ class MVAR(nn.Module):
 
         # drop-path rate grows linearly with depth: 0 for the first block, cfg.drop_path last
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.head_nm = AdaLNBeforeHead(C)
         self.head = nn.Linear(C, cfg.vocab_size)
         self._init_weights(std=math.sqrt(1 / C / 3))
@@ -690,10 +639,10 @@ class MVAR(nn.Module):
         for block in self.blocks:                 # the FFN's outputs (the official code leaves Mamba's)
             block.attn.proj.weight.div_(residual_div)
             block.ffn.fc2.weight.div_(residual_div)
-            # 6. AdaLN rows: VAR's block has 6 vectors (g1, g2, s1, s2, b1, b2) and scales rows
-            # [:2C], its two gates, by alng (so each branch starts near 0) and the rest by aln.
-            # M-VAR keeps that slice at 2C for its 9 vectors (g1, g2, g3, s1..s3, b1..b3), so the
-            # FFN gate g3 starts at aln, not alng: an accident of the official code, kept here.
+            # 6. AdaLN rows: VAR's block has 6 vectors (2 gates, 2 gains, 2 shifts) and multiplies
+            # rows [:2C], its two gates, by alng (so each branch starts near 0), the rest by aln.
+            # M-VAR keeps that slice at 2C for its 9 vectors (3 gates, 3 gains, 3 shifts), so the
+            # FFN's gate starts at aln, not alng: an accident of the official code, kept here.
             block.ada_lin[-1].weight[:2 * C].mul_(cfg.alng)
             block.ada_lin[-1].weight[2 * C:].mul_(cfg.aln)
 
@@ -704,7 +653,7 @@ class MVAR(nn.Module):
         Returns logits (B, L, V). In train mode each label is replaced by the null class
         with probability cond_drop, which teaches the unconditional model used by CFG."""
         cfg, B = self.cfg, labels.shape[0]
-        self._check_inputs(labels, allow_null=True, teacher_input=teacher_input)
+        _check_inputs(cfg, labels, teacher_input=teacher_input)
         if self.training and cfg.cond_drop > 0:
             drop = torch.rand(B, device=labels.device) < cfg.cond_drop
             labels = torch.where(drop, torch.full_like(labels, cfg.num_classes), labels)
@@ -719,28 +668,23 @@ class MVAR(nn.Module):
     # ----- sampling (VAR's autoregressive_infer_cfg, with Mamba's state carried) ----------
     @torch.no_grad()
     def sample_tokens(self, tokenizer, labels, guidance=1.5, top_k=0, top_p=0.0, more_smooth=False,
-                      generator=None, mamba_mode="carry", return_scales=False, return_logits=False):
+                      generator=None, return_scales=False, return_logits=False):
         """Generate token maps scale by scale. labels: (B,) class ids.
 
         Only the new scale's tokens go through the blocks (`Block.forward_one_scale`); what they
         need from earlier scales is carried per block: the Mamba2State (M-VAR, fixed size), or the
-        attention KV cache (VAR, grows with the prefix). mamba_mode="rerun" instead re-runs Mamba
-        over the whole prefix at every scale, as the official M-VAR sampler does (same result,
-        more work). The official sampler's choices stay: CFG with a strength ramped linearly
-        over the scales, top-k / top-p, and the gumbel "more smooth" mode for pictures.
+        attention KV cache (VAR, grows with the prefix). The official sampler's choices stay: CFG
+        with a strength ramped linearly over the scales, top-k / top-p, and the gumbel "more
+        smooth" mode for pictures.
 
         Returns a dict: "idx" list of K (B, l) token maps (with more_smooth, the most likely code of
         each soft mixture; f_hat is built from the mixtures, not from these ids), "f_hat"
         (B, Cvae, h, w) after the last scale, and if asked "scales" (the f_hat after each scale)
         and "logits" (per scale, the raw logits: (2B, l, V), conditional and null halves, when
-        guidance > 0, else (B, l, V))."""
-        cfg = self.cfg
-        self._check_inputs(labels, allow_null=False, tokenizer=tokenizer, mamba_mode=mamba_mode)
-        rerun = mamba_mode == "rerun" and cfg.arch == "mvar"
-        step = Block.forward_one_scale_rerun if rerun else Block.forward_one_scale
-        B, K = labels.shape[0], len(cfg.patch_nums)
-        use_cfg = guidance > 0
-        if use_cfg:   # one batch: conditional half, then the null class half
+        guidance > 0, else (B, l, V); notebook 02 checks them against the teacher-forced pass)."""
+        cfg, B, K = self.cfg, labels.shape[0], len(self.cfg.patch_nums)
+        _check_inputs(cfg, labels, tokenizer=tokenizer)
+        if guidance > 0:   # one batch: conditional half, then the null class half
             labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
         cond_BC = self.class_emb(labels)
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC                 # (1, L, C)
@@ -750,20 +694,19 @@ class MVAR(nn.Module):
         f_hat, out = None, {"idx": [], "scales": [], "logits": []}
         for k, pn in enumerate(cfg.patch_nums):
             for i, block in enumerate(self.blocks):
-                x, carried[i] = step(block, x, cond_BC, carried[i])
+                x, carried[i] = block.forward_one_scale(x, cond_BC, carried[i])
             logits = self.head(self.head_nm(x, cond_BC)).float()              # (2B or B, l, V)
             if return_logits:
                 out["logits"].append(logits)
             ratio = k / (K - 1)
-            if use_cfg:   # classifier-free guidance, strength ramped linearly over scales
-                t = guidance * ratio
-                logits = (1 + t) * logits[:B] - t * logits[B:]
+            if guidance > 0:   # classifier-free guidance, its strength ramped linearly over scales
+                strength = guidance * ratio
+                logits = (1 + strength) * logits[:B] - strength * logits[B:]
             if more_smooth:   # soft (gumbel-softmax) code mixture: smoother pictures, not for FID
-                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)     # over the top-k / top-p tokens,
-                kept = top_k_top_p_filter(logits, top_k, top_p)  # as in the official sampler
-                probs = gumbel_softmax(kept * (1 + ratio), tau, generator)
-                z_k = probs @ tokenizer.quantize.embedding.weight              # (B, l, Cvae)
-                z_k = rearrange(z_k, "b (row col) cvae -> b cvae row col", row=pn)
+                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)     # over the top-k / top-p tokens
+                probs = gumbel_softmax(top_k_top_p_filter(logits, top_k, top_p) * (1 + ratio), tau, generator)
+                z_k = rearrange(probs @ tokenizer.quantize.embedding.weight,   # (B, Cvae, pn, pn)
+                                "b (row col) cvae -> b cvae row col", row=pn)
                 idx = probs.argmax(-1)
             else:
                 idx = sample_top_k_top_p(logits, top_k, top_p, generator)      # (B, l)
@@ -772,44 +715,24 @@ class MVAR(nn.Module):
             f_hat, next_in = tokenizer.next_input(k, f_hat, z_k)
             if return_scales:
                 out["scales"].append(f_hat.clone())
-            if k + 1 < K:
+            if k + 1 < K:   # the next scale's input, built as in training (tokenizer.next_input)
                 start, end = self.spans[k + 1]
                 next_in = rearrange(next_in, "b cvae row col -> b (row col) cvae")
                 x = self.word_embed(next_in) + lvl_pos[:, start:end]
-                if use_cfg:
-                    x = torch.cat([x, x])
+                x = torch.cat([x, x]) if guidance > 0 else x
         out["f_hat"] = f_hat
         return out
 
     @torch.no_grad()
     def generate(self, tokenizer, labels, guidance=1.5, top_k=0, top_p=0.0, more_smooth=False,
-                 generator=None, return_scales=False, mamba_mode="carry"):
+                 generator=None, return_scales=False):
         """Sample images for `labels` (B,) -> images (B, Cimg, S, S) in [0, 1]; with
         return_scales also a list of K such batches, the picture decoded after each scale."""
         out = self.sample_tokens(tokenizer, labels, guidance, top_k, top_p, more_smooth, generator,
-                                 mamba_mode, return_scales=return_scales)
+                                 return_scales=return_scales)
         to01 = lambda f: tokenizer.fhat_to_img(f).add(1).mul(0.5).clamp(0, 1)
         images = to01(out["f_hat"])
         return (images, [to01(f) for f in out["scales"]]) if return_scales else images
-
-    def _check_inputs(self, labels, allow_null: bool, teacher_input=None, tokenizer=None, mamba_mode="carry"):
-        """The public entry points' input checks, with the fix in each message."""
-        cfg, top = self.cfg, self.cfg.num_classes - 1 + allow_null
-        if labels.dtype not in (torch.int64, torch.int32) or labels.ndim != 1:
-            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() > top):
-            raise ValueError(f"class labels must be in [0, {top}] (num_classes = "
-                             f"{cfg.num_classes}); got {labels.min().item()} .. {labels.max().item()}")
-        want = (cfg.seq_len - cfg.patch_nums[0] ** 2, cfg.Cvae)
-        if teacher_input is not None and teacher_input.shape[1:] != want:
-            raise ValueError(f"teacher_input must be (B, {want[0]}, {want[1]}) for patch_nums "
-                             f"{cfg.patch_nums}, got {tuple(teacher_input.shape)}")
-        tok = None if tokenizer is None else (tuple(tokenizer.cfg.patch_nums), tokenizer.cfg.vocab_size, tokenizer.cfg.z_channels)
-        if tokenizer is not None and tok != (cfg.patch_nums, cfg.vocab_size, cfg.Cvae):
-            raise ValueError(f"the tokenizer's (patch_nums, vocab, Cvae) = {tok} does not match the generator's "
-                             f"{(cfg.patch_nums, cfg.vocab_size, cfg.Cvae)}: load the tokenizer it was trained with")
-        if mamba_mode not in ("carry", "rerun"):
-            raise ValueError(f"mamba_mode must be 'carry' or 'rerun', got {mamba_mode!r}")
 
 
 # =====================================================================================
@@ -821,16 +744,15 @@ def top_k_top_p_filter(logits, top_k=0, top_p=0.0):
     """logits (B, l, V) -> a float32 copy with the excluded tokens at -inf.
     top_k > 0 keeps the k most likely tokens; 0 < top_p < 1 keeps the smallest set of most
     likely tokens whose probability reaches top_p (always at least the most likely one)."""
-    V = logits.shape[-1]
     logits = logits.float().clone()
     if top_k > 0:
-        kth_best = logits.topk(min(top_k, V), dim=-1).values[..., -1:]
+        kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits[logits < kth_best] = -math.inf
     if 0 < top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.softmax(-1)
         # drop a token when the tokens *before* it already reach top_p: the best one stays
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         logits.scatter_(-1, order, sorted_logits.masked_fill(drop_sorted, -math.inf))
     return logits
 
@@ -849,11 +771,61 @@ def gumbel_softmax(logits, tau, generator=None):
 
 
 def compute_loss(logits, idx_list):
-    """Cross-entropy over all L tokens (uniform weight) and per-scale top-1 accuracy.
-    logits: (B, L, V); idx_list: K LongTensors (B, pn^2). Returns (loss, acc (K,))."""
+    """Cross-entropy over all L tokens (uniform weight, as VAR trains) and per-scale top-1
+    accuracy. logits: (B, L, V); idx_list: K LongTensors (B, pn^2). Returns (loss, acc (K,))."""
     target = torch.cat(idx_list, dim=1)                                     # (B, L)
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     with torch.no_grad():
         hit = (logits.argmax(-1) == target).float()                         # (B, L)
         acc = [h.mean() for h in hit.split([idx.shape[1] for idx in idx_list], dim=1)]
     return loss, torch.stack(acc)
+
+
+# =====================================================================================
+# 8. Input checks: what a user can get wrong, with the fix in each message
+# =====================================================================================
+# Kept here, out of the maths' way. The public entry points call them: MVARConfig, MVAR.forward,
+# MVAR.sample_tokens (and so generate), and the two scans (which notebook 01 calls directly).
+
+
+def _check_config(cfg: MVARConfig):
+    pn = cfg.patch_nums
+    if cfg.arch not in ("mvar", "var"):
+        raise ValueError(f"arch must be 'mvar' or 'var', got {cfg.arch!r}")
+    if cfg.width % cfg.num_heads or cfg.arch == "mvar" and cfg.expand * cfg.width % cfg.headdim:
+        raise ValueError(f"width {cfg.width} must be divisible by num_heads {cfg.num_heads}, and expand * "
+                         f"width = {cfg.expand * cfg.width} by headdim {cfg.headdim} (Mamba's heads)")
+    if len(pn) < 2 or any(b <= a for a, b in zip(pn, pn[1:])) or pn[0] < 1:
+        raise ValueError(f"patch_nums must be two or more strictly increasing sizes, got {pn}")
+
+
+def _check_inputs(cfg: MVARConfig, labels, teacher_input=None, tokenizer=None):
+    """MVAR.forward's inputs (teacher_input given: the null class is a valid label there) or
+    sample_tokens' (tokenizer given)."""
+    top = cfg.num_classes - (teacher_input is None)
+    if labels.numel() and (labels.min() < 0 or labels.max() > top):
+        raise ValueError(f"class labels must be in [0, {top}] (num_classes = {cfg.num_classes}); "
+                         f"got {labels.min().item()} .. {labels.max().item()}")
+    want = (cfg.seq_len - cfg.patch_nums[0] ** 2, cfg.Cvae)
+    if teacher_input is not None and teacher_input.shape[1:] != want:
+        raise ValueError(f"teacher_input must be (B, {want[0]}, {want[1]}), got {tuple(teacher_input.shape)}")
+    tok = tokenizer and tokenizer.cfg
+    if tok and (tuple(tok.patch_nums), tok.vocab_size, tok.z_channels) != (cfg.patch_nums, cfg.vocab_size,
+                                                                            cfg.Cvae):
+        raise ValueError("the tokenizer's patch_nums, vocab_size or Cvae does not match the generator's: "
+                         "load the tokenizer it was trained with")
+
+
+def _check_scan_inputs(x, dt, A, Bm, Cm, D, initial_state, chunk_size=1):
+    """The scans' shape checks -> (B, L, H, P, G, N); a ValueError names the input that is off."""
+    if x.dim() != 4 or x.shape[1] == 0:
+        raise ValueError(f"x must have shape (batch, length >= 1, heads, headdim), got {tuple(x.shape)}")
+    (B, L, H, P), (G, N) = x.shape, Bm.shape[-2:]
+    want = {"dt": (B, L, H), "A": (H,), "Bm": (B, L, G, N), "Cm": (B, L, G, N), "D": (H,),
+            "initial_state": (B, H, P, N)}
+    for (name, shape), t in zip(want.items(), (dt, A, Bm, Cm, D, initial_state)):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if H % G or chunk_size < 1:
+        raise ValueError(f"the {G} groups must divide the {H} heads, and chunk_size ({chunk_size}) be >= 1")
+    return B, L, H, P, G, N

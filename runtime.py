@@ -3,7 +3,11 @@
 The plumbing of train.py and sample.py; nothing in this file is part of the method. It holds:
 
   * how a run starts: torchrun / DDP set-up, mixed precision, the command line of a config
-    dataclass, and the time budget / --stop_after logic that ends an invocation cleanly;
+    dataclass (option, make_config_of, parse_config_args) and which of train.py's fields define
+    a stage's result (DATA_FIELDS, STAGE1_FIELDS, STAGE2_FIELDS, LENGTH_FIELDS, RUNTIME_FIELDS);
+  * StageRun: everything around a training loop that is not training -- resuming, checkpoints,
+    the loss history, the progress bar, and the time budget / --stop_after that ends an
+    invocation cleanly;
   * atomic checkpoint files: save_checkpoint / load_checkpoint, and the checks that refuse to
     resume a run under other settings (check_same_run);
   * the random-number-generator states that make a resumed run bit-identical to one that was
@@ -29,14 +33,17 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from mvar import MVAR, MVARConfig
 from tokenizer import MultiScaleVQVAE, TokenizerConfig, tokenizer_config
@@ -87,6 +94,28 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world, dev)
 
 
+@contextmanager
+def distributed(device: str = "auto"):
+    """with distributed(device) as d: ... -- setup_distributed, and torchrun's process group left
+    at the end, also after an error (so that every process exits)."""
+    d = setup_distributed(device)
+    try:
+        yield d
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def exit_on_error(main) -> None:
+    """Run a script's main(); a bad setting, file or checkpoint ends it with `error: <message>`
+    and exit status 2 -- the message says what to fix, and a traceback would only bury it."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def resolve_device(name: str) -> torch.device:
     """auto | cpu | cuda | cuda:N | mps -> torch.device (auto: CUDA, else MPS, else CPU)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -123,23 +152,58 @@ def autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def checkpoint_or_stop(cfg, d: DistInfo, deadline: float, step: int, total: int,
-                       steps_here: int, checkpoint, bar, stage: str, path) -> bool:
-    """End of an optimizer step, for both stages: checkpoint every ckpt_every steps, at the last
-    step, and when the time budget / --stop_after ends this invocation. Returns True when the
-    caller should stop now (running the same command again resumes). Rank 0 decides for all."""
-    stop = time.time() > deadline or (cfg.stop_after > 0 and steps_here >= cfg.stop_after)
-    if d.world_size > 1:                               # every rank must stop at the same step
-        flag = torch.tensor([float(stop)], device=d.device)
-        dist.broadcast(flag, src=0)
-        stop = bool(flag.item())
-    if step % cfg.ckpt_every == 0 or step == total or stop:
-        checkpoint(done=step == total)
-    if stop and step < total:
-        bar.close()
-        d.print(f"{stage}: stopped at step {step}/{total} (checkpoint {path}); run the same command to resume")
-        return True
-    return False
+def grad_sync(net: torch.nn.Module, d: DistInfo, last: bool):
+    """DDP all-reduces the gradients at every backward unless told not to. With gradient
+    accumulation only the last micro-batch needs it: the others run inside net.no_sync()."""
+    if d.world_size > 1 and not last and hasattr(net, "no_sync"):
+        return net.no_sync()
+    return nullcontext()
+
+
+# The command line of a config dataclass -----------------------------------------------------
+
+def option(default, help: str, choices: tuple | None = None):
+    """A config dataclass field with its --help text (and, for a string, the values it allows)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def make_config_of(config_class, presets: dict, preset: str, overrides: dict):
+    """presets[preset] with `overrides` applied -> config_class; refuses unknown presets, unknown
+    fields and values outside a field's choices. out_dir defaults to runs/<preset>."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    names = {f.name: f for f in dataclasses.fields(config_class)}
+    bad = [k for k in overrides if k not in names]
+    if bad:
+        raise ValueError(f"unknown config field(s) {bad}; see `python train.py --help`")
+    cfg = config_class(**{**presets[preset], **overrides, "preset": preset})
+    for name, f in names.items():
+        allowed = f.metadata.get("choices")
+        if allowed and getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    cfg.out_dir = cfg.out_dir or os.path.join("runs", preset)
+    return cfg
+
+
+# Which of train.py's TrainConfig fields define each stage's result: resuming a checkpoint
+# written under other values is refused (check_same_run). LENGTH_FIELDS set stage 2's number of
+# steps (gen_steps, else gen_epochs x the steps of an epoch): a resume compares the number they
+# come to with the checkpoint's total_steps, so the fashion-mnist run folders written before
+# gen_steps existed (gen_epochs 2.5264 = 4,737 steps) still resume. RUNTIME_FIELDS only steer
+# this invocation -- output, logging, devices, the number of processes / accumulation steps --
+# and may change freely. tests/test_train.py checks that every field is in exactly one list.
+DATA_FIELDS = ("seed", "dataset", "image_size", "hflip", "subset", "shapes_train", "shapes_test")
+STAGE1_FIELDS = DATA_FIELDS + ("tok_preset", "tok_ch", "tok_ch_mult", "tok_z_channels", "vocab_size",
+                               "patch_nums", "tok_batch", "tok_lr", "tok_epochs", "tok_l1", "tok_l2",
+                               "warmup_frac", "end_lr_ratio", "grad_clip")
+STAGE2_FIELDS = DATA_FIELDS + ("arch", "depth", "width", "num_heads", "d_state", "headdim", "expand",
+                               "gen_batch", "base_lr", "warmup_frac", "end_lr_ratio", "weight_decay",
+                               "weight_decay_end", "grad_clip", "alng", "drop_path", "cond_drop")
+LENGTH_FIELDS = ("gen_epochs", "gen_steps")
+RUNTIME_FIELDS = ("preset", "stage", "out_dir", "device", "precision", "compile", "max_minutes",
+                  "stop_after", "log_every", "ckpt_every", "image_every", "num_workers", "download",
+                  "data_dir", "vae_ckpt", "eval_images", "grad_accum", "guidance", "top_k", "top_p",
+                  "samples_per_class")
 
 
 def _parse_bool(s: str) -> bool:
@@ -160,9 +224,10 @@ def _tuple_parser(kind):
     return parse
 
 
-def parse_config_args(argv, config_class, presets: dict, make_config, choices: dict, description: str):
+def parse_config_args(argv, config_class, presets: dict, make_config, description: str):
     """Command line -> a config dataclass (train.py's TrainConfig). `--preset` is read first, so
-    `--help` shows that preset's defaults; make_config(preset, **fields) builds the result.
+    `--help` shows that preset's defaults; make_config(preset, **fields) builds the result from
+    the fields given on the command line (so it can tell a flag given from a preset's value).
 
     Every field is a flag: `--field value`; booleans also as `--flag` / `--no-flag`;
     tuples as comma lists (`--patch_nums 1,2,4,8`). Unknown flags are an error.
@@ -193,7 +258,7 @@ def parse_config_args(argv, config_class, presets: dict, make_config, choices: d
                                 metavar="A,B,...")
         else:
             parser.add_argument(flag, type=type(default), default=default, help=help_,
-                                choices=choices.get(f.name))
+                                choices=f.metadata.get("choices"))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [o for a in parser._actions for o in a.option_strings]
@@ -201,9 +266,9 @@ def parse_config_args(argv, config_class, presets: dict, make_config, choices: d
         hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(
             u.split("=")[0], known, n=1)) else u for u in flags]
         parser.error("unknown argument(s): " + ", ".join(hints))
-    values = vars(args)
+    given = {a[2:].split("=")[0].removeprefix("no-") for a in argv if a.startswith("--")}
     try:
-        return make_config(preset, **{k: v for k, v in values.items() if k != "preset"})
+        return make_config(preset, **{k: v for k, v in vars(args).items() if k in given and k != "preset"})
     except ValueError as e:
         parser.error(str(e))
 
@@ -233,10 +298,28 @@ def save_checkpoint(obj: dict, path) -> None:
 
 
 def write_json(obj, path) -> None:
-    """A small JSON file (config, eval results), written atomically like a checkpoint."""
+    """A small JSON file (config, eval results), written atomically like a checkpoint (and its
+    folder made if need be)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def report_tokenizer_eval(res: dict, run: Path) -> None:
+    """Print train.eval_tokenizer's results as a table and write them to RUN/tokenizer_eval.json."""
+    write_json(res, Path(run) / "tokenizer_eval.json")
+    print(f"stage 1 eval on {res['images']} test images: PSNR {res['psnr_db']:.2f} dB")
+    print("  per scale  pn: " + " ".join(f"{p:>6}" for p in res["patch_nums"]))
+    print("  codes used   : " + " ".join(f"{u:>6}" for u in res["codes_used"]))
+    print("  perplexity   : " + " ".join(f"{p:>6.1f}" for p in res["perplexity"]))
+
+
+def report_generator_eval(res: dict, path) -> None:
+    """Print train.eval_generator's results in one line and write them to `path` (JSON)."""
+    write_json(res, path)
+    print(f"stage 2 eval on {res['tokens_images']} test images: loss {res['val_loss']:.4f}, "
+          "per-scale accuracy " + " ".join(f"{100 * a:.1f}%" for a in res["per_scale_acc"]))
 
 
 def read_torch_file(path, what: str, how_to_get: str) -> dict:
@@ -274,8 +357,8 @@ def file_digest(path) -> str:
 
 
 def check_same_run(saved: dict, now: dict, path, defining) -> None:
-    """Refuse to resume a run whose defining settings (train.py's STAGE1_FIELDS /
-    STAGE2_FIELDS) differ from this invocation's. `saved`, `now`: TrainConfig as dicts."""
+    """Refuse to resume a run whose defining settings (STAGE1_FIELDS / STAGE2_FIELDS above)
+    differ from this invocation's. `saved`, `now`: train.py's TrainConfig as dicts."""
     if "arch" in defining and saved.get("arch", now["arch"]) != now["arch"]:
         raise ValueError(f"{path} holds a {saved['arch']!r} generator but this run asks for "
                          f"--arch {now['arch']}; pass --arch {saved['arch']} or use another --out_dir")
@@ -365,6 +448,137 @@ def load_tokenizer_state(model: MultiScaleVQVAE, state_dict: dict) -> None:
     hint = "\n".join(hints + ["  fix: build the tokenizer with the checkpoint's config (saved next to "
                               "its weights), or pass the matching overrides"])
     load_state_dict_checked(model, state_dict, "tokenizer", hint=hint)
+
+
+# --------------------------------------------------------------------------------------------
+# One training stage's bookkeeping: resume, checkpoints, history, progress, stopping
+# --------------------------------------------------------------------------------------------
+
+def stage_checkpoint(kind: str, cfg, model, opt=None, scaler=None, step=0, total=0, rng=(), history=(),
+                     done=True, configs: dict | None = None, **extra) -> dict:
+    """What RUN/tokenizer.pt and RUN/<arch>.pt hold: the TrainConfig and the model configs
+    (`configs`; default: the tokenizer's own), the weights, the optimizer and GradScaler states, the
+    step, every process's RNG states, the loss history -- plain types and tensors only
+    (weights_only loads). With the defaults: a finished tokenizer without an optimizer (an
+    imported or an untrained one)."""
+    configs = configs or {"tokenizer": model.cfg.to_dict()}
+    return {"kind": kind, "config": {"train": dataclasses.asdict(cfg), **configs}, **extra,
+            "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {},
+            "scaler": scaler.state_dict() if scaler else {}, "step": step, "total_steps": total,
+            "rng": list(rng), "history": list(history), "done": done}
+
+
+class StageRun:
+    """Everything around a training loop that is not training, so that train.py shows the step
+    itself. kind "tokenizer" (stage 1) or "generator" (stage 2; give it the tokenizer and the
+    token cache: its checkpoint keeps both configs, the class names, and the tokenizer file's
+    name and sha256, so that load_generator can rebuild everything):
+
+      resume()              load RUN/<file> if it exists (refusing one of another run) -> step
+      record(step, loss)    the loss history (a mean every log_every steps) and the progress bar
+      checkpoint_or_stop()  a checkpoint every ckpt_every steps, at the end, and when the time
+                            budget / --stop_after ends this invocation (True: stop now; running
+                            the same command again resumes, bit-identical to an uninterrupted run)
+    """
+
+    def __init__(self, kind: str, cfg, d: DistInfo, path, total: int, deadline: float, model, opt,
+                 scaler, tokenizer=None, cache: dict | None = None):
+        self.kind, self.cfg, self.d, self.path, self.total = kind, cfg, d, Path(path), total
+        self.deadline, self.model, self.opt, self.scaler = deadline, model, opt, scaler
+        self.configs, self.extra, self.tokens_per_step = None, {}, 0
+        if kind == "generator":
+            self.configs = {"tokenizer": tokenizer.cfg.to_dict(), "model": model.cfg.to_dict()}
+            self.extra = {"class_names": cache["class_names"], "tokenizer_path": "tokenizer.pt",
+                          "tokenizer_sha256": cache["identity"]["tokenizer_sha256"]}
+            self.tokens_per_step = cfg.gen_batch * model.cfg.seq_len
+        self.name = "stage 1" if kind == "tokenizer" else "stage 2"
+        self.label = f"{self.name} {'tokenizer' if kind == 'tokenizer' else cfg.arch}"
+        self.history, self.running, self.steps_here, self.bar, self.t0 = [], [], 0, None, time.time()
+
+    def resume(self) -> int:
+        """-> the step to start at: 0, or the checkpoint's, with the model, optimizer, GradScaler,
+        history and RNG states restored. Prints what is about to be trained."""
+        step = self._load() if self.path.exists() else 0
+        if step < self.total:
+            batch = self.cfg.tok_batch if self.kind == "tokenizer" else self.cfg.gen_batch
+            params = sum(p.numel() for p in self.model.parameters()) / 1e6
+            seq = f", L = {self.model.cfg.seq_len} tokens" if hasattr(self.model.cfg, "seq_len") else ""
+            self.d.print(f"{self.label}: {params:.2f}M parameters{seq}, {self.total} steps of {batch} images")
+        self.t0 = time.time()
+        return step
+
+    def _load(self) -> int:
+        ck, path = load_checkpoint(self.path, self.kind), self.path
+        defining = STAGE1_FIELDS if self.kind == "tokenizer" else STAGE2_FIELDS
+        check_same_run(ck["config"]["train"], dataclasses.asdict(self.cfg), path, defining)
+        if ck["total_steps"] != self.total:
+            flags = "--tok_epochs" if self.kind == "tokenizer" else "--gen_steps / --gen_epochs"
+            raise ValueError(f"{path} was written by a run of {ck['total_steps']} steps; this one asks "
+                             f"for {self.total} ({flags}). Resume with the same length, or choose "
+                             "another --out_dir")
+        if ck.get("tokenizer_sha256") != self.extra.get("tokenizer_sha256"):
+            raise ValueError(f"{path} was trained on the tokens of another tokenizer.pt (sha256 "
+                             "differs); use another --out_dir, or delete it to start stage 2 over")
+        if self.kind == "tokenizer":
+            load_tokenizer_state(self.model, ck["model"])
+        else:
+            load_state_dict_checked(self.model, ck["model"], what=f"{self.cfg.arch} generator")
+        self.opt.load_state_dict(ck["optimizer"])
+        if self.scaler and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.history = ck["history"]
+        restore_rng(ck["rng"])
+        self.d.print(f"{self.name}: resuming {path} at step {ck['step']}/{self.total}")
+        return ck["step"]
+
+    def record(self, step: int, loss: float, lr: float | None = None, **shown) -> None:
+        """After optimizer step `step`: keep the loss for the history ([step, mean loss(, lr)]
+        every log_every steps) and show it, with `shown` (numbers or per-scale tensors), on the bar."""
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=step - 1, desc=self.label, disable=not self.d.is_main,
+                            dynamic_ncols=True)
+        self.steps_here += 1
+        self.running.append(loss)
+        if step % self.cfg.log_every == 0 or step == self.total:
+            mean = sum(self.running) / len(self.running)
+            self.history.append([step, mean] if lr is None else [step, mean, lr])
+            self.running = []
+        if self.tokens_per_step:
+            shown["tok_s"] = self.steps_here * self.tokens_per_step / max(1e-9, time.time() - self.t0)
+        num = lambda x: f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        fmt = lambda v: "/".join(num(float(x)) for x in torch.as_tensor(v).detach().float().cpu().flatten())
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", **{k: fmt(v) for k, v in shown.items()})
+
+    def save(self, step: int) -> None:
+        """Write the checkpoint (every rank takes part: the RNG states are gathered)."""
+        rng = gather_rng()
+        if self.d.is_main:
+            save_checkpoint(stage_checkpoint(self.kind, self.cfg, self.model, self.opt, self.scaler, step,
+                                             self.total, rng, self.history, step == self.total,
+                                             self.configs, **self.extra), self.path)
+
+    def checkpoint_or_stop(self, step: int) -> bool:
+        """End of optimizer step `step`: checkpoint when due; True when this invocation should stop
+        (time budget or --stop_after). Rank 0 decides for all, so every rank stops at one step."""
+        cfg, d = self.cfg, self.d
+        stop = time.time() > self.deadline or (cfg.stop_after > 0 and self.steps_here >= cfg.stop_after)
+        if d.world_size > 1:
+            flag = torch.tensor([float(stop)], device=d.device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        if step % cfg.ckpt_every == 0 or step == self.total or stop:
+            self.save(step)
+        if stop and step < self.total:
+            self.close()
+            d.print(f"{self.name}: stopped at step {step}/{self.total} (checkpoint {self.path}); "
+                    "run the same command to resume")
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,3 +758,104 @@ def load_official(path, vae_ckpt, device="cpu", patch_nums=None, expect: dict | 
     model = MVAR(cfg)
     load_official_checkpoint(model, sd)
     return model.to(device).eval(), load_var_checkpoint(vae_ckpt, device, cfg.patch_nums)
+
+# The sampling setting behind the published FID numbers of VAR and M-VAR (no gumbel smoothing).
+OFFICIAL_FID = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+
+# ============================================================================================
+# sample.py's command line, its checks, and loading what it samples
+# ============================================================================================
+
+def parse_sample_args(argv, description: str):
+    """The command line -> args: flags checked together, args.device a torch.device, args.amp_dtype
+    bf16 or None, and --ckpt the shipped weights when neither --ckpt nor --official names a model."""
+    args = sample_parser(description).parse_args(argv)
+    if args.per_class < 1 or args.batch < 1 or args.npz < 0:
+        raise ValueError("--per_class and --batch must be >= 1, --npz >= 0")
+    if args.npz and args.strip:
+        raise ValueError("--strip draws the grid's samples; --npz writes no grid: run them separately")
+    if args.ckpt and args.official:
+        raise ValueError("pass at most one of --ckpt RUN/<arch>.pt (a train.py run) or "
+                         "--official PATH.pth (released weights, with --vae_ckpt)")
+    args.shipped = not (args.ckpt or args.official)
+    if args.shipped:
+        args.ckpt = str(SHIPPED / f"{args.arch or 'mvar'}.pt")
+        if not Path(args.ckpt).is_file():
+            raise FileNotFoundError(f"the shipped weights {args.ckpt} are missing: restore them (git "
+                                    f"checkout -- weights), remake them with `{REGENERATE}`, or pass "
+                                    "--ckpt RUN/mvar.pt")
+    args.device = resolve_device(args.device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device.type == "cuda")
+    args.amp_dtype = torch.bfloat16 if bf16 else None
+    return args
+
+
+def load_sampling_models(args):
+    """-> (generator, tokenizer, default sampling setting, class names, default output folder).
+    A train.py checkpoint names its tokenizer and stores its setting; released weights are two
+    files whose keys and shapes give every architecture setting (--arch / --depth only check)."""
+    if args.ckpt:
+        model, tok, ck = load_generator(args.ckpt, args.device, tokenizer_path=args.tokenizer or None)
+        folder = Path("samples") if args.shipped else Path(args.ckpt).parent
+        return model, tok, sampling_defaults(ck), ck.get("class_names") or [], folder
+    pns = tuple(int(p) for p in args.patch_nums.split(",")) if args.patch_nums else None
+    expect = {"arch": args.arch, "depth": args.depth}
+    model, tok = load_official(args.official, args.vae_ckpt, args.device, pns, expect)
+    return model, tok, dict(OFFICIAL_FID), [], Path("samples")
+
+
+def pick_classes(args, num_classes: int) -> list[int]:
+    """--classes, or by default all classes for --npz (FID wants them all), the first 10 for a grid."""
+    if args.classes:
+        return parse_classes(args.classes, num_classes)
+    return list(range(num_classes if args.npz else min(10, num_classes)))
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """"0-9" / "3,5,7" / "0-3,8" / "all" -> the class ids in the order given, each in range."""
+    if text.strip().lower() == "all":
+        return list(range(num_classes))
+    ids = []
+    for part in filter(None, text.replace(" ", "").split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)                 # an id, or an inclusive range a-b
+        if not m or int(m[2] or m[1]) < int(m[1]):
+            raise ValueError(f"--classes {text!r}: {part!r} is not an id or an increasing range; "
+                             "expected e.g. 0-9 or 1,5,7 or all")
+        ids += range(int(m[1]), int(m[2] or m[1]) + 1)
+    bad = [c for c in ids if c >= num_classes]
+    if bad:
+        raise ValueError(f"--classes {text!r}: class label(s) {bad[:5]} out of range: this model has "
+                         f"{num_classes} classes, valid labels are 0..{num_classes - 1}")
+    if not ids:
+        raise ValueError(f"--classes {text!r} names no class")
+    return ids
+
+
+def sample_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    add = p.add_argument_group("what to load").add_argument
+    add("--ckpt", default="", help="train.py's RUN/mvar.pt or RUN/var.pt (default: the shipped one)")
+    add("--tokenizer", default="", help="tokenizer checkpoint (default: the one the generator names)")
+    add("--official", default="", help="released M-VAR / VAR ImageNet-256 weights (.pth)")
+    add("--vae_ckpt", default="data/vae_ch160v4096z32.pth",
+        help="with --official: VAR's tokenizer (default %(default)s)")
+    add("--arch", choices=("mvar", "var"), help="the shipped model (default mvar); --official: a check")
+    add("--depth", type=int, help="with --official: check that the file holds this depth")
+    add("--patch_nums", default="", help="with --official: the scales, e.g. 1,2,3,4, if the file can't tell")
+    add = p.add_argument_group("what to sample").add_argument
+    add("--classes", default="", help="class ids: 0-9, 1,5,7 or all (default: the first 10; --npz: all)")
+    add("--per_class", type=int, default=4, help="grid rows: samples per class (default 4)")
+    add("--cfg", "--guidance", dest="cfg", type=float,
+        help="classifier-free guidance strength (default: checkpoint's / 1.5)")
+    add("--top_k", type=int, help="top-k, 0 = off (default: checkpoint's / 900)")
+    add("--top_p", type=float, help="top-p, 0 = off (default: checkpoint's / 0.96)")
+    add("--more_smooth", action="store_true", help="gumbel-softmax codes: smoother pictures, not for FID")
+    add("--seed", type=int, default=0, help="default 0")
+    add("--strip", action="store_true", help="also the coarse-to-fine strip: row = class, column = scale")
+    add("--npz", type=int, default=0, metavar="N", help="write N samples as .npz for FID instead of a grid")
+    add = p.add_argument_group("how").add_argument
+    add("--batch", type=int, default=64, help="images per forward pass (default 64)")
+    add("--out", default="", help="a folder or a .png / .npz name (default: the run's; samples/)")
+    add("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on CUDA, else fp32")
+    return p

@@ -1,12 +1,21 @@
 """Multi-scale residual VQ-VAE: the image tokenizer of VAR, which M-VAR reuses unchanged.
 
-An image becomes K token maps of growing size (1x1, 2x2, ..., h x w), coarse to fine. Scale k
-quantizes what the coarser scales have not explained yet (the residual), so summing the decoded
-scales gives a better and better approximation f_hat of the encoder's feature map f. The
-generator (mvar.py) then predicts scale k's tokens from scales 0..k-1.
+What it does. An image becomes K token maps of growing size (1x1, 2x2, ..., h x w), coarse to
+fine. Scale k quantizes only what the coarser scales have not explained yet (the residual), so
+summing the decoded scales gives a better and better approximation f_hat of the encoder's
+feature map f. The generator (mvar.py) then predicts scale k's tokens from scales 0..k-1.
 
     image x --encoder--> --quant_conv--> f --residual multi-scale VQ--> K index maps
     K index maps --embedding, upsample, phi, sum--> f_hat --post_quant_conv--> --decoder--> x'
+
+Three ideas make it work, each explained where its code is:
+  * the residual (residual_quantize): scale k sees f minus what scales 0..k-1 rebuilt, so the
+    scales add up, and "the image so far" is one tensor, f_hat, that the generator can be fed;
+  * phi (Phi, scale_contribution): a coarse scale's codes are blown up to h x w by bicubic
+    upsampling, which blurs; a light conv after it repairs part of that (VAR §3.2);
+  * straight-through (forward): picking the nearest code has no gradient, so the decoder's
+    gradient is copied past the quantizer onto the encoder (VQ-VAE, van den Oord et al. 2017).
+Everything else is a standard conv autoencoder (section 4), as in any single-scale VQ-VAE.
 
 Every parameter's name follows VAR's code, so VAR's released 256px tokenizer vae_ch160v4096z32.pth
 loads with strict=True into MultiScaleVQVAE(tokenizer_config("var256")) (see runtime.py).
@@ -15,7 +24,7 @@ Shape letters (one meaning each, across the project):
     B     batch
     Cimg  image channels (1 grey, 3 RGB; cfg.in_channels)
     S     image side: images are S x S (cfg.image_size)
-    h, w  height, width of a feature map; the latent's is S / 2**(len(ch_mult) - 1) (cfg.latent_size)
+    h, w  height, width of the latent: S / 2**(len(ch_mult) - 1) (cfg.latent_size), h == w
     ch    channels of a feature map inside the conv autoencoder (cfg.ch * cfg.ch_mult[i])
     Cvae  latent channels = codebook vector size (cfg.z_channels; VAR: 32)
     V     codebook size (cfg.vocab_size; VAR: 4096)
@@ -24,8 +33,9 @@ Shape letters (one meaning each, across the project):
     l     tokens of one scale = pn^2;  L  tokens of all scales = sum_k pn_k^2 (VAR 256px: 680)
     M     a flat batch of vectors to quantize (e.g. M = B * pn^2)
 (C, the generator's width, and N, its SSM state size, belong to mvar.py.)
-A suffix spells a tensor's axes: idx_Bl is (B, l), hits_KV is (K, V). The one exception is the
-buffer ema_vocab_hit_SV, named by VAR's checkpoint: its S counts scales (our K).
+A "scale" is always one level of the token pyramid. A suffix spells a tensor's axes: idx_Bl is
+(B, l), hits_KV is (K, V). The one exception is the buffer ema_vocab_hit_SV, named by VAR's
+checkpoint: its S counts scales (our K).
 
 Map 1, paper -> code. VAR: Tian et al., arXiv 2404.02905. M-VAR (arXiv 2411.10433) takes VAR's
 tokenizer as it is, so everything here is VAR's.
@@ -36,31 +46,35 @@ tokenizer as it is, so everything here is VAR's.
     Alg. 1 and 2, phi_k(interpolate(z_k, h_K, w_K))               scale_contribution, Phi, phi_index
     VAR Fig. 4, stage 2: the generator's input, f_hat so far      idx_to_teacher_input, next_input
     VAR §3.1 Eq. 5, the compound training loss                    forward (+ the caller's pixel loss)
+    VQ-VAE §3.2, the straight-through gradient estimator          forward
     VAR §4 "VAR tokenizer": VQGAN's conv autoencoder, 16x down    Encoder, Decoder, preset "var256"
-    not in the papers: a remedy for codebook collapse             restart_dead_codes (off in var256)
+    not in the papers: code-usage statistics, and a remedy for   update_code_usage,
+      codebook collapse (off in var256)                           restart_dead_codes
 
 Map 2, VAR's code (github.com/FoundationVision/VAR, models/vqvae.py, quant.py, basic_vae.py):
     VQVAE -> MultiScaleVQVAE            VectorQuantizer2 -> MultiScaleQuantizer + the methods below
     img_to_idxBl -> img_to_idx          f_to_idxBl_or_fhat -> residual_quantize
     idxBl_to_img -> idx_to_img          embed_to_fhat -> idx_to_fhat (from indices, not embeddings)
     fhat_to_img -> fhat_to_img          idxBl_to_var_input -> idx_to_teacher_input
-    forward (both) -> forward           get_next_autoregressive_input -> next_input
-    Phi -> Phi                          quant_resi, a PhiPartiallyShared -> quant_resi, a SharedPhis
+    get_next_autoregressive_input -> next_input
+    forward (both) -> forward; the usage EMA in VectorQuantizer2.forward -> update_code_usage
+    Phi -> Phi                          quant_resi, a PhiPartiallyShared -> quant_resi.qresi_ls
     quant_resi[k / (K-1)] -> quantize.phi(k), phi_index
     embedding(idx_Bl).transpose(1, 2).view(B, Cvae, pn, pn) in idxBl_to_img -> embed_scale
-    Normalize -> group_norm             down[i], up[i], mid (bare nn.Modules) -> Level, Middle
+    Normalize -> group_norm             down[i], up[i], mid (bare nn.Modules) -> Level, middle
+    Downsample2x, Upsample2x -> resample2x
     v_patch_nums, Cvae -> cfg.patch_nums, cfg.z_channels      all other names are the same:
-    Encoder, Decoder, ResnetBlock, AttnBlock, Downsample2x, Upsample2x, ema_vocab_hit_SV
+    Encoder, Decoder, ResnetBlock, AttnBlock, ema_vocab_hit_SV
 
 Sections: 1 config, 2 quantizer pieces, 3 the tokenizer (Algorithms 1 and 2, the generator's input,
-training), 4 the conv autoencoder (VQGAN's, standard), 5 usage statistics, 6 input checks.
+training, codebook bookkeeping), 4 the conv autoencoder (VQGAN's, standard), 5 usage statistics,
+6 input checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -73,7 +87,7 @@ from einops import rearrange
 # 1. Configuration
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclasses.dataclass
 class TokenizerConfig:
     """Everything needed to build a MultiScaleVQVAE, in VAR's names; saved as a dict in checkpoints.
     The architecture has no defaults: take it from a preset (tokenizer_config)."""
@@ -81,11 +95,11 @@ class TokenizerConfig:
     image_size: int              # S
     in_channels: int             # Cimg (1 = grey, 3 = RGB)
     ch: int                      # level i of the conv autoencoder has ch * ch_mult[i] channels;
-    ch_mult: Tuple[int, ...]     # len(ch_mult) - 1 halvings: the latent is S / 2**(len(ch_mult)-1)
+    ch_mult: tuple[int, ...]     # len(ch_mult) - 1 halvings: the latent is S / 2**(len(ch_mult)-1)
     num_res_blocks: int          # ResNet blocks per encoder level (the decoder has one more, as VAR)
     z_channels: int              # Cvae
     vocab_size: int              # V, one codebook for all scales
-    patch_nums: Tuple[int, ...]  # pn_k, coarse to fine; the last one is the latent side
+    patch_nums: tuple[int, ...]  # pn_k, coarse to fine; the last one is the latent side
     beta: float = 0.25           # commitment weight of the vq loss (see residual_quantize)
     quant_resi: float = 0.5      # r in phi(z) = (1 - r) * z + r * conv3x3(z)
     share_quant_resi: int = 4    # number of phi convs, shared among the K scales
@@ -97,8 +111,7 @@ class TokenizerConfig:
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists: normalise, so configs compare equal.
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        self.ch_mult, self.patch_nums = tuple(map(int, self.ch_mult)), tuple(map(int, self.patch_nums))
         _check_config(self)
 
     @property
@@ -111,12 +124,11 @@ class TokenizerConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerConfig":
+    def from_dict(cls, d: dict) -> TokenizerConfig:
         """Inverse of to_dict; unknown keys are an error (they usually mean a version mismatch)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown TokenizerConfig field(s) {sorted(set(d) - known)}; "
-                             f"known fields are {sorted(known)}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TokenizerConfig field(s) {unknown}; the fields are TokenizerConfig's")
         return cls(**d)
 
 
@@ -125,7 +137,7 @@ class TokenizerConfig:
 # its dead-code restarts keep the coarse scales from collapsing onto a few codes. The same
 # layers take any S divisible by 4. Measurements behind both choices: benchmarks/RESULTS.md.
 # Both keep VAR's quantizer defaults (beta 0.25, quant_resi 0.5, 4 phi convs, L2 lookup).
-TOKENIZER_PRESETS: Dict[str, dict] = {
+TOKENIZER_PRESETS: dict[str, dict] = {
     "32px": dict(image_size=32, in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
                  vocab_size=512, patch_nums=(1, 2, 3, 4, 5, 6, 8), dead_code_threshold=0.03),
     "var256": dict(image_size=256, in_channels=3, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
@@ -171,21 +183,23 @@ def phi_index(k: int, K: int, n_phi: int) -> int:
     later conv, so the ticks are Python float64s built as numpy.linspace builds them (start +
     i*step, the last one set to stop).
     """
-    if n_phi == 1:
-        return 0
     at = k / max(K - 1, 1)
-    margin = 1 / (3 * n_phi) if n_phi == 4 else 1 / (2 * n_phi)
-    start, stop = margin, 1 - margin
-    step = (stop - start) / (n_phi - 1)
-    ticks = [start + i * step for i in range(n_phi - 1)] + [stop]
-    dists = [abs(t - at) for t in ticks]
+    start = 1 / (3 * n_phi) if n_phi == 4 else 1 / (2 * n_phi)
+    stop = 1 - start
+    step = (stop - start) / max(n_phi - 1, 1)                 # (n_phi == 1: one tick, at 1/2)
+    dists = [abs(t - at) for t in [start + i * step for i in range(n_phi - 1)] + [stop]]
     return dists.index(min(dists))
 
 
 class Phi(nn.Conv2d):
     """phi(z) = (1 - r) * z + r * conv3x3(z), with r = quant_resi = 0.5. (B, Cvae, h, w) -> same.
-    VAR §3.2: upsampling a coarse scale's codes to h x w loses information; a light residual conv
-    after the upsampling makes up for some of it ("K extra convolution layers {phi_k}")."""
+
+    Why (VAR §3.2): a coarse scale's 1x1 or 2x2 code map is blown up to h x w by bicubic
+    interpolation, which can only make a smooth blob. To make up for what upscaling loses, VAR
+    adds K extra convolution layers phi_k after it. The identity half passes the codes through
+    whatever the conv learns; the conv half learns to put back some of what the blur lost.
+    Notebook 03 sets the convs to the identity and measures what that costs the shipped tokenizer.
+    """
 
     def __init__(self, Cvae: int, ratio: float):
         super().__init__(Cvae, Cvae, 3, padding=1)
@@ -195,28 +209,23 @@ class Phi(nn.Conv2d):
         return z * (1 - self.ratio) + super().forward(z) * self.ratio
 
 
-class SharedPhis(nn.Module):
-    """The share_quant_resi phi convs, stored as qresi_ls (VAR's key names)."""
-
-    def __init__(self, Cvae: int, ratio: float, n_phi: int):
-        super().__init__()
-        self.qresi_ls = nn.ModuleList([Phi(Cvae, ratio) for _ in range(n_phi)])
-
-
 class MultiScaleQuantizer(nn.Module):
     """The quantizer's parameters (keys quantize.*); its algorithms are MultiScaleVQVAE's methods,
     so that encoding, decoding and the generator's input read in one place.
-      embedding          (V, Cvae) the codebook Z, one for all K scales (VAR §3.2)
-      quant_resi         the shared phi convs
+      embedding          (V, Cvae) the codebook Z, one for all K scales (VAR §3.2: so every
+                         scale's tokens come from one vocabulary, the generator's V outputs)
+      quant_resi         the share_quant_resi phi convs, as quant_resi.qresi_ls.i (VAR's keys; the
+                         ModuleDict is there only for those names)
       ema_vocab_hit_SV   (K, V) buffer: how often each code is picked at each scale in training (EMA)
     """
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
-        self.quant_resi = SharedPhis(cfg.z_channels, cfg.quant_resi, cfg.share_quant_resi)
-        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
         K, n = len(cfg.patch_nums), cfg.share_quant_resi
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
+        self.quant_resi = nn.ModuleDict({"qresi_ls": nn.ModuleList([Phi(cfg.z_channels, cfg.quant_resi)
+                                                                    for _ in range(n)])})
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(K, cfg.vocab_size))
         self.phi_of_scale = [phi_index(k, K, n) for k in range(K)]   # e.g. [0,0,1,1,1,2,2,3,3,3]
 
     def phi(self, k: int) -> Phi:
@@ -225,7 +234,7 @@ class MultiScaleQuantizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The tokenizer: VAR's Algorithms 1 and 2, and the generator's input
+# 3. The tokenizer: VAR's Algorithms 1 and 2, the generator's input, training
 # ----------------------------------------------------------------------------------------------
 
 class MultiScaleVQVAE(nn.Module):
@@ -234,27 +243,26 @@ class MultiScaleVQVAE(nn.Module):
     An index list is K LongTensors idx_Bl of shape (B, pn_k^2), coarse to fine: VAR's token maps
     r_1..r_K, each flattened row-major. Encode with img_to_idx (Algorithm 1), decode with
     idx_to_fhat / fhat_to_img / idx_to_img (Algorithm 2); the generator's input comes from
-    idx_to_teacher_input (training) and next_input (sampling); forward is the training pass.
+    idx_to_teacher_input (training) and next_input (sampling); forward is the training pass, and
+    update_code_usage its codebook bookkeeping.
     """
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        # two 3x3 convs between the autoencoder and the quantizer, one on either side of it (VAR's)
+        self.quant_conv, self.post_quant_conv = (nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
+                                                 for _ in range(2))
         self.quantize = MultiScaleQuantizer(cfg)
 
     # ---- the two steps shared by encoding, decoding, teacher forcing and sampling ------------
 
     def embed_scale(self, idx_Bl: torch.Tensor, k: int) -> torch.Tensor:
         """z_k = lookup(Z, r_k), scale k's codes as a map: (B, pn_k^2) -> (B, Cvae, pn_k, pn_k).
-        No upsampling, no phi: this is what a sampler gets from the codes it just drew."""
+        No upsampling, no phi: this is what a sampler gets from the codes it just drew.
+        Token t sits at row t // pn, column t % pn (row-major), in the generator's order too."""
         pn = self.cfg.patch_nums[k]
-        if idx_Bl.shape[1] != pn * pn:
-            raise ValueError(f"scale {k} has {pn}x{pn} tokens, got idx of shape {tuple(idx_Bl.shape)}")
-        # token t sits at row t // pn, column t % pn (row-major)
         return rearrange(self.quantize.embedding(idx_Bl), "b (h w) cvae -> b cvae h w", h=pn, w=pn)
 
     def scale_contribution(self, z_k: torch.Tensor, k: int) -> torch.Tensor:
@@ -266,35 +274,43 @@ class MultiScaleVQVAE(nn.Module):
         agree bit for bit. Always in the codebook's dtype (float32), with autocast off: training
         builds its teacher input outside autocast, while validation and sampling run under it.
         """
-        cfg = self.cfg
         with torch.autocast(z_k.device.type, enabled=False):
-            if k != len(cfg.patch_nums) - 1:
-                z_k = F.interpolate(z_k, size=(cfg.latent_size, cfg.latent_size), mode="bicubic")
+            if k != len(self.cfg.patch_nums) - 1:
+                z_k = F.interpolate(z_k, size=(self.cfg.latent_size, self.cfg.latent_size), mode="bicubic")
             return self.quantize.phi(k)(z_k)
 
     def _zeros_fhat(self, B: int) -> torch.Tensor:
         """The empty reconstruction f_hat = 0, (B, Cvae, h, w), before any scale is added."""
-        cfg = self.cfg
-        return self.quantize.embedding.weight.new_zeros(B, cfg.z_channels, cfg.latent_size, cfg.latent_size)
+        return self.quantize.embedding.weight.new_zeros(B, self.cfg.z_channels, *(self.cfg.latent_size,) * 2)
 
     # ---- encoding: VAR Algorithm 1 -----------------------------------------------------------
 
     def residual_quantize(self, f: torch.Tensor):
-        """Multi-scale residual quantization of encoder features f (B, Cvae, h, w). Returns
+        """VAR Algorithm 1 (multi-scale VQ-VAE encoding) on encoder features f (B, Cvae, h, w):
 
+            for k = 1..K:
+                r_k = Q(interpolate(f, h_k, w_k))        quantize the residual, seen at pn_k x pn_k
+                z_k = interpolate(lookup(Z, r_k), h, w)  its codes, back at full size
+                f   = f - phi_k(z_k)                     remove what scale k explained
+            return r_1..r_K
+
+        Why the residual: scale k quantizes only what scales < k left unexplained, so its codes
+        refine, never repeat; the scales then add up (Algorithm 2 is a plain sum), and the sum of
+        the scales so far, f_hat, is all the generator needs to know about them (VAR Fig. 4).
+        "interpolate" down is area (average) pooling; up is bicubic (scale_contribution).
+
+        Returns
             idx_list   K LongTensors (B, pn_k^2): the token maps r_k
             f_hat      (B, Cvae, h, w): the sum of all scales' contributions. Its gradient reaches
                        the codebook and the phi convs, not f (forward does the straight-through step)
             vq_loss    scalar: the mean over k of beta*||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2,
-                       f_hat_k being the reconstruction from scales 0..k
+                       f_hat_k being the reconstruction from scales 0..k (sg = stop-gradient)
             residuals  K tensors (B * pn_k^2, Cvae): the vectors quantized (for restart_dead_codes)
         """
         cfg, K = self.cfg, len(self.cfg.patch_nums)
-        if f.dtype in (torch.float16, torch.bfloat16):
-            f = f.float()                  # quantize in float32 even under autocast, as VAR does
-        f_sg = f.detach()
-        f_rest = f_sg.clone()              # Alg. 1's f, what is still unexplained; it only picks codes
-        f_hat = torch.zeros_like(f_sg)
+        f = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f   # quantize in float32, as VAR
+        f_rest = f.detach().clone()        # Alg. 1's f, what is still unexplained; it only picks codes
+        f_hat = torch.zeros_like(f_rest)
         idx_list, residuals, vq_loss = [], [], 0.0
         codebook = self.quantize.embedding.weight.detach()
         with torch.autocast(f.device.type, enabled=False):
@@ -307,56 +323,62 @@ class MultiScaleVQVAE(nn.Module):
                 contribution = self.scale_contribution(self.embed_scale(idx_Bl, k), k)
                 f_hat = f_hat + contribution
                 f_rest = f_rest - contribution.detach()
-                # The codebook and the phis move towards f (second term); the encoder commits to
-                # the reconstruction so far (first term, weight beta): VQ-VAE's two terms, per scale.
-                vq_loss = vq_loss + cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_sg)
+                # VQ-VAE's two terms (van den Oord et al. 2017, Eq. 3), once per scale: the codebook
+                # and the phis move towards f (second term); the encoder commits to the
+                # reconstruction so far (first term, weight beta). Each partial sum f_hat_k is
+                # pulled towards f: every prefix of the scales is trained to reconstruct f.
+                vq_loss = vq_loss + cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f.detach())
                 idx_list.append(idx_Bl)
                 residuals.append(rest)
         return idx_list, f_hat, vq_loss / K, residuals
 
     @torch.no_grad()
-    def img_to_idx(self, img: torch.Tensor) -> List[torch.Tensor]:
+    def img_to_idx(self, img: torch.Tensor) -> list[torch.Tensor]:
         """(B, Cimg, S, S) in [-1, 1] -> K LongTensors (B, pn_k^2), coarse to fine."""
         _check_images(self.cfg, img)
         return self.residual_quantize(self.quant_conv(self.encoder(img)))[0]
 
     # ---- decoding: VAR Algorithm 2 -----------------------------------------------------------
 
-    def idx_to_fhat(self, idx_list: Sequence[torch.Tensor]) -> torch.Tensor:
-        """K index maps -> f_hat (B, Cvae, h, w) = sum over k of phi_k(interpolate(lookup(Z, r_k)))."""
+    def idx_to_fhat(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """VAR Algorithm 2 (multi-scale reconstruction), up to the decoder: K index maps -> f_hat
+
+            f_hat = 0
+            for k = 1..K:  f_hat = f_hat + phi_k(interpolate(lookup(Z, r_k), h, w))
+
+        (B, Cvae, h, w). Encoding added the very same terms, so f - f_hat is what the last scale
+        left unexplained."""
         _check_idx(self.cfg, idx_list)
-        f_hat = self._zeros_fhat(idx_list[0].shape[0])
+        f_hat = self._zeros_fhat(len(idx_list[0]))
         for k, idx_Bl in enumerate(idx_list):
             f_hat = f_hat + self.scale_contribution(self.embed_scale(idx_Bl, k), k)
         return f_hat
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """(B, Cvae, h, w) -> (B, Cimg, S, S) image clamped to [-1, 1]."""
+        """(B, Cvae, h, w) -> (B, Cimg, S, S) image clamped to [-1, 1]: Algorithm 2's im = D(f_hat)."""
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
 
-    def idx_to_img(self, idx_list: Sequence[torch.Tensor]) -> torch.Tensor:
-        """K index maps -> (B, Cimg, S, S) image in [-1, 1]."""
+    def idx_to_img(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """K index maps -> (B, Cimg, S, S) image in [-1, 1]: all of Algorithm 2."""
         return self.fhat_to_img(self.idx_to_fhat(idx_list))
 
     # ---- what the generator sees: VAR Fig. 4, stage 2 ----------------------------------------
 
-    def next_input(self, k: int, f_hat: Optional[torch.Tensor], z_k: torch.Tensor):
+    def next_input(self, k: int, f_hat: torch.Tensor | None, z_k: torch.Tensor):
         """One autoregressive step (sampling): fold scale k's codes into f_hat, get scale k+1's input.
 
         k: scale just produced; f_hat: (B, Cvae, h, w) or None at k = 0;
         z_k = embed_scale(idx, k): (B, Cvae, pn_k, pn_k).
         Returns (f_hat, next_in): the updated f_hat and, for k < K-1, f_hat area-downsampled to
         scale k+1's size (B, Cvae, pn_{k+1}, pn_{k+1}); at the last scale next_in is f_hat itself.
+        The generator thus sees the whole image so far at the size it is about to predict.
         """
-        if f_hat is None:
-            f_hat = self._zeros_fhat(z_k.shape[0])
-        f_hat = f_hat + self.scale_contribution(z_k, k)
-        pns = self.cfg.patch_nums
-        if k == len(pns) - 1:
+        f_hat = (self._zeros_fhat(len(z_k)) if f_hat is None else f_hat) + self.scale_contribution(z_k, k)
+        if k == len(self.cfg.patch_nums) - 1:        # the last scale: nothing is left to predict
             return f_hat, f_hat
-        return f_hat, F.interpolate(f_hat, size=(pns[k + 1], pns[k + 1]), mode="area")
+        return f_hat, F.interpolate(f_hat, size=(self.cfg.patch_nums[k + 1],) * 2, mode="area")
 
-    def idx_to_teacher_input(self, idx_list: Sequence[torch.Tensor]) -> torch.Tensor:
+    def idx_to_teacher_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forcing input for the generator: K index maps -> (B, L - pn_0^2, Cvae).
 
         Row block k (k = 1..K-1) is the ground-truth f_hat after scales 0..k-1, area-downsampled
@@ -364,53 +386,68 @@ class MultiScaleVQVAE(nn.Module):
         the generator.) Built with `next_input`, so sampling sees exactly what training saw.
         """
         _check_idx(self.cfg, idx_list)
-        f_hat, chunks = None, []
+        B, Cvae = len(idx_list[0]), self.cfg.z_channels
+        f_hat, chunks = None, [self.quantize.embedding.weight.new_zeros(B, 0, Cvae)]   # K = 1: (B, 0, Cvae)
         for k in range(len(idx_list) - 1):
             f_hat, next_in = self.next_input(k, f_hat, self.embed_scale(idx_list[k], k))
             chunks.append(rearrange(next_in, "b cvae h w -> b (h w) cvae"))
-        if not chunks:   # a single scale: nothing to teacher-force
-            return self.quantize.embedding.weight.new_zeros(idx_list[0].shape[0], 0, self.cfg.z_channels)
         return torch.cat(chunks, dim=1)
 
-    # ---- training ----------------------------------------------------------------------------
+    # ---- training: VAR §3.1 Eq. 5 ------------------------------------------------------------
 
     def forward(self, img: torch.Tensor):
-        """Training pass. img (B, Cimg, S, S) in [-1, 1] ->
+        """Training pass: encode, quantize, straight-through, decode. img (B, Cimg, S, S) in [-1, 1] ->
             recon    (B, Cimg, S, S) decoder output, NOT clamped (use it in the pixel loss)
             vq_loss  scalar; the caller adds the pixel loss, e.g.
                      loss = F.l1_loss(recon, img) + F.mse_loss(recon, img) + vq_loss
-            stats    this batch's code usage per scale (under DDP training: all ranks' batches),
-                     {"hits" (K, V), "used" (K,), "perplexity" (K,)} (see code_usage), and
-                     "restarted": the dead codes restarted now
+            stats    this batch's code usage (see update_code_usage)
         VAR §3.1 Eq. 5 trains with ||x - x'|| + ||f - f_hat|| + perceptual and GAN losses. Here the
         vq_loss stands for ||f - f_hat||, and the pixel loss is the caller's (train.py: L1 + L2; no
         perceptual or GAN loss, whose pretrained networks are downloads).
+
+        Why straight-through (VQ-VAE, van den Oord et al. 2017, §3.2): the nearest-code choice
+        is an argmin, with no gradient, so a pixel loss could never reach the encoder. The
+        decoder is fed f + sg(f_hat - f): in value exactly f_hat, in the backward pass the
+        identity on f. The gradient the decoder sends to "f_hat" is copied onto f unchanged; the
+        codebook learns from vq_loss alone.
         """
         _check_images(self.cfg, img)
-        f = self.quant_conv(self.encoder(img))
-        idx_list, f_hat, vq_loss, residuals = self.residual_quantize(f)
-        # straight-through: the decoder sees f + sg(f_hat - f), so the gradient reaching f_hat goes to f
-        recon = self.decoder(self.post_quant_conv(f + (f_hat - f).detach()))
+        f = self.quant_conv(self.encoder(img))                            # (B, Cvae, h, w)
+        idx_list, f_hat, vq_loss, residuals = self.residual_quantize(f)   # Algorithm 1
+        recon = self.decoder(self.post_quant_conv(f + (f_hat - f).detach()))   # straight-through
+        return recon, vq_loss, self.update_code_usage(idx_list, residuals)
 
+    # ---- codebook bookkeeping: not part of the method (VAR's code keeps a similar usage EMA) ---
+
+    def update_code_usage(self, idx_list: list[torch.Tensor], residuals: list[torch.Tensor]) -> dict:
+        """Counts this batch's codes per scale; in training, also updates the usage EMA and
+        restarts dead codes. Called by forward, after the loss is built; it changes no gradient.
+
+        idx_list, residuals: residual_quantize's. Returns {"hits" (K, V), "used" (K,),
+        "perplexity" (K,)} (see code_usage), under DDP training of all ranks' batches, and
+        "restarted": the number of dead codes restarted now (0 when dead_code_threshold is 0).
+        Under DDP the counts are summed over ranks first, so every rank keeps the same EMA and
+        decides the same restarts.
+        """
         hits_KV = torch.stack([torch.bincount(idx.flatten(), minlength=self.cfg.vocab_size).float()
                                for idx in idx_list])
-        restarted = 0
         if self.training:
-            if _distributed():           # every rank must agree on usage, hence on restarts
+            if dist.is_available() and dist.is_initialized():   # DDP: count all ranks' batches
                 dist.all_reduce(hits_KV)
             ema = self.quantize.ema_vocab_hit_SV
-            if ema.sum() == 0:           # first step: start from this batch, not from zero
-                ema.copy_(hits_KV)
-            else:
-                ema.mul_(self.cfg.usage_ema).add_(hits_KV, alpha=1 - self.cfg.usage_ema)
-            if self.cfg.dead_code_threshold > 0:
-                restarted = self.restart_dead_codes(residuals, hits_KV.sum().item())
-        return recon, vq_loss, {**_usage_stats(hits_KV), "restarted": restarted}
+            decay = self.cfg.usage_ema if ema.sum() > 0 else 0.0   # the first step starts from its batch
+            ema.mul_(decay).add_(hits_KV, alpha=1 - decay)
+        # none when dead_code_threshold is 0 (VAR), and never outside training
+        restarted = self.restart_dead_codes(residuals, hits_KV.sum().item()) if self.training else 0
+        return {**_usage_stats(hits_KV), "restarted": restarted}
 
     @torch.no_grad()
-    def restart_dead_codes(self, residuals: Sequence[torch.Tensor], hits_per_step: float) -> int:
+    def restart_dead_codes(self, residuals: list[torch.Tensor], hits_per_step: float) -> int:
         """Remedy for codebook collapse (not in VAR): move dead codes onto real residual vectors.
 
+        Why: a code that is never picked gets no gradient from vq_loss, so it never moves and
+        stays unpicked; with a small codebook trained briefly, a coarse scale can end up using a
+        handful of codes (notebook 03, section 5, measures it).
         residuals: K tensors (M_k, Cvae) from residual_quantize. Returns the number restarted.
         A code is dead when its usage EMA, summed over scales, is below dead_code_threshold *
         hits_per_step / V (that fraction of uniform use). It moves onto a residual vector of this
@@ -424,32 +461,26 @@ class MultiScaleVQVAE(nn.Module):
         K, V = ema.shape
         threshold = self.cfg.dead_code_threshold * hits_per_step / V
         dead = torch.nonzero(ema.sum(0) < threshold).flatten()
-        n = dead.numel()
-        if n == 0:
+        if dead.numel() == 0:
             return 0
-        device = residuals[0].device
-        scale_of = torch.randint(K, (n,), device=device)
-        new = torch.empty(n, residuals[0].shape[1], device=device, dtype=residuals[0].dtype)
+        new = residuals[0].new_empty(dead.numel(), residuals[0].shape[1])
+        scale_of = torch.randint(K, (dead.numel(),), device=new.device)   # the scale each dead code joins
         for k, rest in enumerate(residuals):
             rows = torch.nonzero(scale_of == k).flatten()
             if rows.numel():
-                new[rows] = rest[torch.randint(rest.shape[0], (rows.numel(),), device=device)]
-        weight = self.quantize.embedding.weight
-        weight.data[dead] = new.to(weight.dtype)
+                new[rows] = rest[torch.randint(rest.shape[0], (rows.numel(),), device=new.device)]
+        codebook = self.quantize.embedding.weight.data
+        codebook[dead] = new.to(codebook.dtype)
         ema[:, dead] = 2 * threshold / K
-        if _distributed():
-            dist.broadcast(weight.data, src=0)
-            dist.broadcast(ema, src=0)
-        return n
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+        for t in (codebook, ema) if dist.is_available() and dist.is_initialized() else ():
+            dist.broadcast(t, src=0)
+        return dead.numel()
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. The convolutional autoencoder: VQGAN's (the LDM code), as VAR §4 uses it. It is the same
-#    as in a single-scale VQ-VAE; everything multi-scale lives in sections 2 and 3.
+#    as in a single-scale VQ-VAE; everything multi-scale lives in sections 2 and 3. Modules are
+#    created in VAR's order, so that a seed gives the same initial weights.
 # ----------------------------------------------------------------------------------------------
 
 def group_norm(ch: int) -> nn.GroupNorm:
@@ -463,28 +494,24 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, dropout: float):
         super().__init__()
-        self.norm1 = group_norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = group_norm(c_out)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.dropout = group_norm(c_out), nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
         y = self.conv1(F.silu(self.norm1(x)))
-        y = self.conv2(self.dropout(F.silu(self.norm2(y))))
-        return self.nin_shortcut(x) + y
+        return self.nin_shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(y))))
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention among the h*w positions, with a residual. (B, ch, h, w) -> same.
-    q, k, v come from ONE fused 1x1 conv qkv (ch -> 3 ch), as in VAR's checkpoint; scale 1/sqrt(ch)."""
+    q, k, v come from ONE fused 1x1 conv qkv (ch -> 3 ch), as in VAR's checkpoint; the logits are
+    divided by sqrt(ch), as in any dot-product attention."""
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.norm, self.qkv, self.proj_out = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         h, w = x.shape[2:]
@@ -493,27 +520,14 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(rearrange(out, "b 1 (h w) ch -> b ch h w", h=h, w=w))
 
 
-class Downsample2x(nn.Module):
-    """(B, ch, h, w) -> (B, ch, h/2, w/2): pad one pixel right and bottom (LDM's asymmetric pad,
-    which keeps the conv aligned to the top-left pixel), then a stride-2 3x3 conv."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2x(nn.Module):
-    """(B, ch, h, w) -> (B, ch, 2h, 2w): nearest-neighbour upsampling, then a 3x3 conv."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+def resample2x(ch: int, down: bool) -> nn.Sequential:
+    """VAR's Downsample2x, (B, ch, h, w) -> (B, ch, h/2, w/2): pad one pixel right and bottom (LDM's
+    asymmetric pad, which keeps the conv aligned to the top-left pixel), then a stride-2 3x3 conv;
+    or its Upsample2x, -> (B, ch, 2h, 2w): nearest-neighbour upsampling, then a 3x3 conv.
+    The conv is the only parameter, under VAR's key name: downsample.conv | upsample.conv."""
+    resize = nn.ZeroPad2d((0, 1, 0, 1)) if down else nn.Upsample(scale_factor=2, mode="nearest")
+    conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=0 if down else 1)
+    return nn.Sequential(OrderedDict(resize=resize, conv=conv))
 
 
 class Level(nn.Module):
@@ -522,36 +536,26 @@ class Level(nn.Module):
     resampling. Its children are VAR's state-dict names: block.j, attn.j, downsample | upsample.
     """
 
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, dropout: float, attn: bool,
-                 resample: Optional[str]):
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, dropout: float, attn: bool, resample=None):
         super().__init__()
         self.block, self.attn, self.resample = nn.ModuleList(), nn.ModuleList(), resample
-        for j in range(n_blocks):      # created in VAR's order, so a seed gives the same weights
+        for j in range(n_blocks):
             self.block.append(ResnetBlock(c_in if j == 0 else c_out, c_out, dropout))
             if attn:
                 self.attn.append(AttnBlock(c_out))
         if resample:
-            setattr(self, resample, {"downsample": Downsample2x, "upsample": Upsample2x}[resample](c_out))
+            setattr(self, resample, resample2x(c_out, down=resample == "downsample"))
 
     def forward(self, x):
         for j, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn) > 0:
-                x = self.attn[j](x)
+            x = self.attn[j](block(x)) if len(self.attn) else block(x)
         return getattr(self, self.resample)(x) if self.resample else x
 
 
-class Middle(nn.Module):
+def middle(ch: int, dropout: float) -> nn.Sequential:
     """ResNet block -> attention -> ResNet block at the lowest resolution (VAR's mid.* keys)."""
-
-    def __init__(self, ch: int, dropout: float):
-        super().__init__()
-        self.block_1 = ResnetBlock(ch, ch, dropout)
-        self.attn_1 = AttnBlock(ch)
-        self.block_2 = ResnetBlock(ch, ch, dropout)
-
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(ch, ch, dropout), attn_1=AttnBlock(ch),
+                                     block_2=ResnetBlock(ch, ch, dropout)))
 
 
 class Encoder(nn.Module):
@@ -560,41 +564,31 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        n, ch = len(cfg.ch_mult), cfg.ch
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        for i, mult in enumerate(cfg.ch_mult):
-            self.down.append(Level(ch, cfg.ch * mult, cfg.num_res_blocks, cfg.dropout, attn=i == n - 1,
-                                   resample="downsample" if i != n - 1 else None))
-            ch = cfg.ch * mult
-        self.mid = Middle(ch, cfg.dropout)
-        self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, cfg.z_channels, 3, padding=1)
+        last, chs = len(cfg.ch_mult) - 1, [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]  # conv_in's, level i's
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.Sequential(*[Level(chs[i], chs[i + 1], cfg.num_res_blocks, cfg.dropout, attn=i == last,
+                                    resample="downsample" if i < last else None) for i in range(last + 1)])
+        self.mid = middle(chs[-1], cfg.dropout)
+        self.norm_out, self.conv_out = group_norm(chs[-1]), nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
-        x = self.conv_in(x)
-        for level in self.down:
-            x = level(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(self.down(self.conv_in(x))))))
 
 
 class Decoder(nn.Module):
     """(B, Cvae, h, w) latent -> (B, Cimg, S, S) image, unbounded (callers clamp to [-1, 1]). The
-    encoder's mirror with num_res_blocks + 1 blocks per level; up[i] works at level i's resolution."""
+    encoder's mirror with num_res_blocks + 1 blocks per level; up[i] works at level i's resolution
+    and runs first for the last i (VAR builds the levels in that order too)."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        n, ch = len(cfg.ch_mult), cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = Middle(ch, cfg.dropout)
-        levels = []
-        for i in reversed(range(n)):
-            levels.insert(0, Level(ch, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, cfg.dropout,
-                                   attn=i == n - 1, resample="upsample" if i != 0 else None))
-            ch = cfg.ch * cfg.ch_mult[i]
-        self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        n, chs = len(cfg.ch_mult), [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
+        self.mid = middle(chs[-1], cfg.dropout)
+        up = [Level(chs[min(i + 1, n - 1)], chs[i], cfg.num_res_blocks + 1, cfg.dropout, attn=i == n - 1,
+                    resample="upsample" if i != 0 else None) for i in reversed(range(n))]   # VAR's order
+        self.up = nn.ModuleList(up[::-1])                        # but stored so that up[i] is level i
+        self.norm_out, self.conv_out = group_norm(chs[0]), nn.Conv2d(chs[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid(self.conv_in(z))
@@ -604,7 +598,7 @@ class Decoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Code usage statistics
+# 5. Code usage statistics: how many codes each scale uses (training display, notebook 03)
 # ----------------------------------------------------------------------------------------------
 
 def _usage_stats(hits_KV: torch.Tensor) -> dict:
@@ -620,18 +614,11 @@ def code_usage(idx_lists, vocab_size: int) -> dict:
     (e.g. from img_to_idx), or a list of such lists (one per batch). Returns {"hits": (K, V)
     float counts, "used": (K,) distinct codes per scale, "perplexity": (K,)}.
     """
-    if len(idx_lists) and torch.is_tensor(idx_lists[0]):
-        idx_lists = [idx_lists]
-    hits = None
-    for idx_list in idx_lists:
-        top = max(int(idx.max()) for idx in idx_list if idx.numel())
-        if top >= vocab_size:
-            raise ValueError(f"code_usage: found code index {top} >= vocab_size={vocab_size}")
-        h = torch.stack([torch.bincount(i.flatten().cpu(), minlength=vocab_size).double() for i in idx_list])
-        hits = h if hits is None else hits + h
-    if hits is None:
-        raise ValueError("code_usage: no index lists given")
-    return _usage_stats(hits)
+    idx_lists = [idx_lists] if torch.is_tensor(idx_lists[0]) else idx_lists
+    if max(int(idx.max()) for idx_list in idx_lists for idx in idx_list if idx.numel()) >= vocab_size:
+        raise ValueError(f"code_usage: found a code index >= vocab_size={vocab_size}; pass the tokenizer's")
+    return _usage_stats(sum(torch.stack([torch.bincount(idx.flatten().cpu(), minlength=vocab_size).double()
+                                        for idx in idx_list]) for idx_list in idx_lists))
 
 
 def psnr(img: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -642,7 +629,8 @@ def psnr(img: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Input checks, out of the algorithms' way. Each error says what is wrong and how to fix it.
+# 6. Input checks: what a user can get wrong (the config, the images, the token maps), each
+#    error saying what to change.
 # ----------------------------------------------------------------------------------------------
 
 def _check_config(cfg: TokenizerConfig) -> None:
@@ -650,56 +638,33 @@ def _check_config(cfg: TokenizerConfig) -> None:
         if not ok:
             raise ValueError(f"TokenizerConfig: {msg}")
 
-    for name in ("image_size", "in_channels", "ch", "num_res_blocks", "z_channels", "vocab_size"):
-        need(int(getattr(cfg, name)) >= 1, f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    need(cfg.ch_mult and min(cfg.ch_mult) >= 1, f"ch_mult must be positive integers, got {cfg.ch_mult}")
-    need(all(c % 32 == 0 for c in (cfg.ch, *(cfg.ch * m for m in cfg.ch_mult))), f"ch and every "
-         f"ch * ch_mult[i] must be divisible by 32 (GroupNorm uses 32 groups); got ch={cfg.ch}, "
-         f"ch_mult={cfg.ch_mult}")
-    f = 2 ** (len(cfg.ch_mult) - 1)
-    need(cfg.image_size % f == 0, f"image_size={cfg.image_size} must be divisible by "
-         f"2**(len(ch_mult)-1)={f} (ch_mult={cfg.ch_mult}); pad or resize the images, or use fewer levels")
-    pns, latent = cfg.patch_nums, cfg.image_size // f
-    need(pns and min(pns) >= 1, f"patch_nums must be positive integers, got {pns}")
-    need(all(a < b for a, b in zip(pns, pns[1:])), f"patch_nums must be strictly increasing, got {pns}")
-    need(pns[-1] == latent, f"patch_nums must end at the latent size image_size / 2**(len(ch_mult)-1) = "
-         f"{cfg.image_size}/{f} = {latent}, but it ends at {pns[-1]} (patch_nums={pns}); choose "
-         f"patch_nums ending at {latent} (train.py: --patch_nums)")
-    K, n_phi = len(pns), cfg.share_quant_resi
-    need(1 <= n_phi <= K, f"share_quant_resi must be between 1 and len(patch_nums)={K}, got {n_phi}")
-    unused = sorted(set(range(n_phi)) - {phi_index(k, K, n_phi) for k in range(K)})
-    # an unused conv would be a dead parameter (and an error under DDP)
-    need(not unused, f"share_quant_resi={n_phi} with {K} scales leaves phi conv(s) {unused} unused; "
-         f"choose fewer phi convs")
-    for name, ok, rule in (("quant_resi", 0 <= cfg.quant_resi <= 1, "in [0, 1]"),
-                           ("beta", cfg.beta >= 0, ">= 0"),
-                           ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
-                           ("usage_ema", 0 <= cfg.usage_ema < 1, "in [0, 1)"),
-                           ("dead_code_threshold", cfg.dead_code_threshold >= 0, ">= 0 (0 = off)")):
-        need(ok, f"{name} must be {rule}, got {getattr(cfg, name)}")
+    pns, K, n_phi, f = cfg.patch_nums, len(cfg.patch_nums), cfg.share_quant_resi, 2 ** (len(cfg.ch_mult) - 1)
+    need(all(cfg.ch * m % 32 == 0 for m in (1, *cfg.ch_mult)), f"ch and every ch * ch_mult[i] must be "
+         f"divisible by 32 (GroupNorm has 32 groups); got ch={cfg.ch}, ch_mult={cfg.ch_mult}")
+    need(cfg.image_size % f == 0, f"image_size={cfg.image_size} must be divisible by 2**(len(ch_mult)-1)="
+         f"{f}; pad or resize the images, or use fewer levels")
+    need(pns and pns[0] >= 1 and all(a < b for a, b in zip(pns, pns[1:])),
+         f"patch_nums must be positive and strictly increasing, got {pns}")
+    need(pns[-1] == cfg.latent_size, f"patch_nums (--patch_nums) must end at the latent size image_size"
+         f" / 2**(len(ch_mult)-1) = {cfg.image_size}/{f} = {cfg.latent_size}, but it ends at {pns[-1]}")
+    unused = sorted(set(range(n_phi)) - {phi_index(k, K, n_phi) for k in range(K)})   # DDP fails on them
+    need(not unused, f"share_quant_resi={n_phi} leaves phi conv(s) {unused} unused ({K} scales); use fewer")
 
 
 def _check_images(cfg: TokenizerConfig, img: torch.Tensor) -> None:
-    S, Cimg = cfg.image_size, cfg.in_channels
-    if img.dim() != 4 or tuple(img.shape[1:]) != (Cimg, S, S):
-        raise ValueError(
-            f"tokenizer expects images of shape (B, {Cimg}, {S}, {S}) (in_channels={Cimg}, "
-            f"image_size={S}), got {tuple(img.shape)}. Fix: resize/pad the images, convert grey <-> RGB, "
-            f"or build the tokenizer for your data: tokenizer_config(..., in_channels="
-            f"{img.shape[1] if img.dim() == 4 else '?'}, image_size=S, patch_nums ending at "
-            f"S / {2 ** (len(cfg.ch_mult) - 1)}).")
-    # One cheap reduction catches the most common mistake: [0, 1] or [0, 255] pixels.
-    if img.numel() and img.detach().abs().amax() > 1.5:
-        raise ValueError(f"tokenizer expects pixel values in [-1, 1], got max |x| = "
-                         f"{img.detach().abs().amax().item():.3g}; map [0, 255] images with x/127.5 - 1")
+    S, Cimg, shape = cfg.image_size, cfg.in_channels, tuple(img.shape)
+    if len(shape) != 4 or shape[1:] != (Cimg, S, S):
+        raise ValueError(f"tokenizer expects images of shape (B, {Cimg}, {S}, {S}) (in_channels={Cimg}, "
+                         f"image_size={S}), got {shape}. Fix: resize or convert (grey <-> RGB) the images, "
+                         f"or build the tokenizer for them: tokenizer_config(..., in_channels="
+                         f"{shape[1] if len(shape) == 4 else '?'}, image_size=S)")
+    if img.numel() and (top := img.detach().abs().amax()) > 1.5:   # [0, 1] or [0, 255] pixels
+        raise ValueError(f"tokenizer expects pixel values in [-1, 1], got max |x| = {top.item():.3g}; "
+                         f"map [0, 255] images with x/127.5 - 1")
 
 
-def _check_idx(cfg: TokenizerConfig, idx_list: Sequence[torch.Tensor]) -> None:
-    pns = cfg.patch_nums
-    if len(idx_list) != len(pns):
-        raise ValueError(f"expected {len(pns)} index maps, one per scale (patch_nums={pns}), "
-                         f"got {len(idx_list)}")
-    for k, (idx, pn) in enumerate(zip(idx_list, pns)):
-        if idx.dim() != 2 or idx.shape[1] != pn * pn:
-            raise ValueError(f"scale {k} index map must have shape (B, {pn * pn}) (pn={pn}), "
-                             f"got {tuple(idx.shape)}")
+def _check_idx(cfg: TokenizerConfig, idx_list: list[torch.Tensor]) -> None:
+    want, got = [pn * pn for pn in cfg.patch_nums], [tuple(idx.shape) for idx in idx_list]
+    if len(got) != len(want) or any(len(g) != 2 or g[1] != n for g, n in zip(got, want)):
+        raise ValueError(f"expected {len(want)} index maps, one per scale, of shapes (B, l_k), l_k = "
+                         f"pn_k^2 = {want} (patch_nums={cfg.patch_nums}); got shapes {got}")

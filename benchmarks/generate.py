@@ -7,7 +7,7 @@ sees 2x the batch), the peak extra memory of a sampling run, and what each block
 one scale to the next at the end of sampling.
 
     (a) M-VAR, carrying each Mamba layer's state          (this project's sampler)
-    (b) M-VAR, re-running Mamba over the whole prefix     (the official sampler)
+    (b) M-VAR, re-running Mamba over the whole prefix     (the official sampler, rerun_sampler.py)
     (c) VAR with a KV cache                               (the baseline)
 
 Every case runs in its own fresh Python process, one after the other. Peak memory is measured
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mvar import MVAR, MVARConfig, attention_pairs  # noqa: E402
 from tokenizer import MultiScaleVQVAE, tokenizer_config  # noqa: E402
 from scan import proc_status_bytes  # noqa: E402  (benchmarks/scan.py, beside this file)
+import rerun_sampler  # noqa: E402  (benchmarks/rerun_sampler.py: the official sampler's Mamba re-run)
 
 PYRAMIDS = {"256px": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "512px": (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 METHODS = {"a: M-VAR carry state": ("mvar", "carry"), "b: M-VAR re-run prefix": ("mvar", "rerun"),
@@ -71,11 +72,12 @@ def run_one(args) -> dict:
                      patch_nums=patch_nums)
     model = MVAR(cfg).eval()
     labels = torch.arange(args.batch) % cfg.num_classes
+    sampler = rerun_sampler.sample_tokens if mode == "rerun" else MVAR.sample_tokens
 
     def sample(labels):
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        model.sample_tokens(tok, labels, guidance=1.5, top_k=900, top_p=0.96, generator=g, mamba_mode=mode)
+        sampler(model, tok, labels, guidance=1.5, top_k=900, top_p=0.96, generator=g)
         return time.perf_counter() - t0
 
     sample(labels[:1])            # warm-up on one image (kernels, thread pools), small footprint

@@ -10,6 +10,7 @@ official sampler (`autoregressive_infer_cfg`, top_k=1, cfg 1.5); for VAR's multi
 its state dict, an input feature map, the token maps, f_hat and the teacher input it produces.
 "Same numbers as the official code" means: identical token maps, logits within float32 rounding.
 """
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ from mvar import MVAR, MVARConfig
 import sample
 from runtime import KNOWN_PYRAMIDS, load_official_checkpoint, official_generator_config, var_tokenizer_config
 from tokenizer import MultiScaleVQVAE, tokenizer_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import rerun_sampler  # noqa: E402  (the official sampler's way through Mamba: re-run the prefix)
 
 GOLDEN = torch.load(Path(__file__).resolve().parent / "reference" / "official_golden.pt", weights_only=True)
 
@@ -71,9 +75,9 @@ def test_teacher_forced_logits_match_the_official_code(name):
                                              ("mvar_no_l2", "carry"), ("var", "carry")])
 def test_greedy_samples_match_the_official_sampler(name, mamba_mode):
     g, tok, model = GOLDEN[name], golden_tokenizer(), golden_model(name)
+    sample = rerun_sampler.sample_tokens if mamba_mode == "rerun" else MVAR.sample_tokens
     with torch.no_grad():
-        out = model.sample_tokens(tok, g["sample_labels"], guidance=g["sample_cfg"], top_k=1,
-                                  mamba_mode=mamba_mode)
+        out = sample(model, tok, g["sample_labels"], guidance=g["sample_cfg"], top_k=1)
     for k, (ours, official) in enumerate(zip(out["idx"], g["sample_idx"])):
         assert torch.equal(ours, official), f"{name} ({mamba_mode}): scale {k} differs"
 

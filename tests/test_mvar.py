@@ -1,15 +1,22 @@
-"""Tests of the M-VAR generator (mvar.py sections 3-7) against independent references:
-brute-force masks for the attention pattern, the teacher-forced pass for what the sampler carries
-from scale to scale (Block.forward_one_scale, and the official re-run sampler), a hand count of
-the papers' parameter numbers, and plain loops for sampling and the loss."""
+"""Tests of the M-VAR generator (mvar.py sections 3-8) against independent references:
+brute-force masks and attention written by hand for the attention pattern, the teacher-forced
+pass for what the sampler carries from scale to scale (Block.forward_one_scale, and the official
+re-run sampler, benchmarks/rerun_sampler.py), a hand count of the papers' parameter numbers, and
+plain loops for sampling and the loss."""
+import functools
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from runtime import load_official_checkpoint
 from mvar import MVAR, MVARConfig, attention_pairs, compute_loss, sample_top_k_top_p, scale_spans
 from tokenizer import MultiScaleVQVAE, TokenizerConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import rerun_sampler  # noqa: E402  (the official sampler's Mamba re-run, the benchmarks' baseline)
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "mvar_d16_keys.txt"
 PATCH_NUMS = (1, 2, 3, 4)       # L = 30: small, but with scales of several sizes
@@ -122,8 +129,9 @@ def test_sampling_logits_equal_teacher_forced_logits(tokenizer, arch, cfg, mode)
     model = tiny_model(arch)
     labels = torch.tensor([0, 4, 2])
     g = torch.Generator().manual_seed(0)
-    out = model.sample_tokens(tokenizer, labels, guidance=cfg, top_k=0, top_p=0.0, generator=g,
-                              mamba_mode=mode, return_logits=True)
+    sample = rerun_sampler.sample_tokens if mode == "rerun" else MVAR.sample_tokens
+    out = sample(model, tokenizer, labels, guidance=cfg, top_k=0, top_p=0.0, generator=g,
+                 return_logits=True)
     teacher = tokenizer.idx_to_teacher_input(out["idx"])
     if cfg > 0:   # the sampler ran the conditional and the null class as one batch
         labels = torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)])
@@ -143,7 +151,8 @@ def test_a_block_fed_one_scale_at_a_time_equals_the_whole_sequence(arch):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, spans[-1][1], model.cfg.width, generator=g)
     cond = torch.randn(2, model.cfg.width, generator=g)
-    steps = [block.forward_one_scale] + ([block.forward_one_scale_rerun] if arch == "mvar" else [])
+    rerun = functools.partial(rerun_sampler.forward_one_scale_rerun, block)
+    steps = [block.forward_one_scale] + ([rerun] if arch == "mvar" else [])
     with torch.no_grad():
         whole = block(x, cond, spans)
         for step in steps:
@@ -325,20 +334,43 @@ def test_init_follows_the_official_recipe(depth):
     assert not every(lambda b: b.mamba.conv1d.bias).any()
 
 
-@pytest.mark.parametrize("arch", ["mvar", "var"])
-def test_kept_attention_probabilities_are_the_attention_the_model_applies(arch):
-    """keep_probs spells the attention out and keeps its probabilities (notebook 04 reads them):
-    the logits must not change, every query's probabilities must sum to 1, and each scale's
-    queries must cover exactly their keys (own scale for M-VAR; own and coarser for VAR)."""
-    model, labels = tiny_model(arch), torch.tensor([0, 3, 4])
-    x = random_teacher_input(model)
-    want = model(labels, x)
-    for block in model.blocks:
-        block.attn.keep_probs = True
-    torch.testing.assert_close(model(labels, x), want, rtol=1e-5, atol=1e-5)
-    for block in model.blocks:
-        assert len(block.attn.probs) == len(PATCH_NUMS)
-        for (start, end), probs in zip(scale_spans(PATCH_NUMS), block.attn.probs):
-            keys = end - start if arch == "mvar" else end
-            assert probs.shape == (3, 2, end - start, keys)
-            torch.testing.assert_close(probs.sum(-1), torch.ones(3, 2, end - start))
+def attention_by_hand(attn, x, spans, keys_of):
+    """ScaleAttention written out in float64: per scale and head, softmax(temperature * q . k)
+    over the keys keys_of(start, end) names, times the values, then the output projection.
+    Returns the output and the probabilities, one (B, H, l, keys) tensor per scale."""
+    B, L, C = x.shape
+    H, W = attn.num_heads, attn.mat_qkv.weight                  # W's rows: q (C), k (C), v (C)
+    heads = lambda t: t.view(B, L, H, C // H).transpose(1, 2)   # (B, H, L, d)
+    q, k = heads(x @ W[:C].T + attn.q_bias), heads(x @ W[C:2 * C].T)
+    v = heads(x @ W[2 * C:].T + attn.v_bias)
+    if attn.l2_norm:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        temperature = attn.scale_mul_1H11.clamp_max(torch.tensor(100.0).log()).exp()   # (1, H, 1, 1)
+    else:
+        temperature = 0.25 / (C // H) ** 0.5
+    out, probs = torch.zeros_like(q), []
+    for start, end in spans:
+        keys = keys_of(start, end)
+        probs.append((temperature * q[:, :, start:end] @ k[:, :, keys].transpose(-1, -2)).softmax(-1))
+        out[:, :, start:end] = probs[-1] @ v[:, :, keys]
+    return attn.proj(out.transpose(1, 2).flatten(2)), probs
+
+
+@pytest.mark.parametrize("arch,l2_norm", [("mvar", True), ("mvar", False), ("var", True)])
+def test_attention_written_by_hand_gives_the_model_output(arch, l2_norm):
+    """The paper's rule spelled out: the queries of scale k see the keys of scale k only (M-VAR)
+    or of scales 0..k (VAR). Probabilities computed by hand over exactly those keys give what
+    ScaleAttention returns (notebook 04 reads such probabilities), and the other rule does not."""
+    model = tiny_model(arch, attn_l2_norm=l2_norm).double()
+    attn, spans = model.blocks[0].attn, scale_spans(PATCH_NUMS)
+    x = torch.randn(3, spans[-1][1], model.cfg.width, dtype=torch.float64)
+    own, prefix = (lambda s, e: slice(s, e)), (lambda s, e: slice(0, e))
+    rule, other = (own, prefix) if arch == "mvar" else (prefix, own)
+    with torch.no_grad():
+        got = attn(x, spans)[0]
+        want, probs = attention_by_hand(attn, x, spans, rule)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert (got - attention_by_hand(attn, x, spans, other)[0]).abs().max() > 1e-3
+    for (start, end), p in zip(spans, probs):
+        assert p.shape == (3, 2, end - start, end - start if arch == "mvar" else end)
+        torch.testing.assert_close(p.sum(-1), torch.ones(3, 2, end - start, dtype=torch.float64))

@@ -117,6 +117,15 @@ def test_npz_is_fid_layout_balanced_and_seeded(run, tmp_path):
     np.testing.assert_array_equal(x, reference(run, torch.from_numpy(y), seed=0, batch=6, top_p=0.9))
 
 
+def test_guidance_flag_is_an_alias_of_cfg(run, tmp_path):
+    """--guidance (train.py's name for it) and --cfg set the same thing: the same images."""
+    common = ["--ckpt", str(run / "mvar.pt"), "--classes", "0,3", "--per_class", "1", "--device", "cpu"]
+    a = sample.main(common + ["--guidance", "0.5", "--out", str(tmp_path / "a.png")])
+    b = sample.main(common + ["--cfg", "0.5", "--out", str(tmp_path / "b.png")])
+    assert a["settings"]["cfg"] == b["settings"]["cfg"] == 0.5
+    np.testing.assert_array_equal(tiles(a["grid"], rows=1, cols=2), tiles(b["grid"], rows=1, cols=2))
+
+
 def test_grey_images_are_replicated_to_three_channels():
     g = torch.Generator().manual_seed(0)
     grey = torch.rand(3, 1, 5, 4, generator=g)
@@ -129,12 +138,12 @@ def test_grey_images_are_replicated_to_three_channels():
 
 
 def test_class_lists_and_ranges():
-    assert sample.parse_classes("0-3,8", 10) == [0, 1, 2, 3, 8]
-    assert sample.parse_classes("all", 4) == [0, 1, 2, 3]
-    assert sample.parse_classes(" 7 , 2 ", 10) == [7, 2]
+    assert runtime.parse_classes("0-3,8", 10) == [0, 1, 2, 3, 8]
+    assert runtime.parse_classes("all", 4) == [0, 1, 2, 3]
+    assert runtime.parse_classes(" 7 , 2 ", 10) == [7, 2]
     for text in ("a", "5-2", ",", "1.5"):
         with pytest.raises(ValueError, match="--classes"):
-            sample.parse_classes(text, 10)
+            runtime.parse_classes(text, 10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +151,7 @@ def test_class_lists_and_ranges():
 # --------------------------------------------------------------------------------------------
 
 def test_missing_shipped_weights_say_how_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(sample, "SHIPPED", tmp_path)             # a clone without weights/
+    monkeypatch.setattr(runtime, "SHIPPED", tmp_path)             # a clone without weights/
     with pytest.raises(FileNotFoundError, match="shipped weights .* are missing.*weights/make.py"):
         sample.main(["--arch", "var", "--device", "cpu"])
 
@@ -215,7 +224,7 @@ def test_official_weights_load_and_sample(official, tmp_path):
     d, sd, tok_sd = official
     res = sample.main(official_args(d, "--npz", "6", "--classes", "0,999", "--batch", "3",
                                     "--out", str(tmp_path)))
-    assert res["settings"] == {**sample.OFFICIAL_FID, "more_smooth": False}
+    assert res["settings"] == {**runtime.OFFICIAL_FID, "more_smooth": False}
     written = np.load(tmp_path / "mvar_6.npz")
     np.testing.assert_array_equal(written["arr_1"], [0, 999, 0, 999, 0, 999])
     # independent reference: the same config loaded with torch's own load_state_dict

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvar import Mamba2, Mamba2State, ssd_scan_parallel, ssd_scan_sequential
+from mvar import Mamba2, Mamba2State, MVARConfig, ssd_scan_parallel, ssd_scan_sequential
 
 KEYS_FILE = Path(__file__).resolve().parent / "reference" / "mvar_d16_keys.txt"
 
@@ -178,7 +178,7 @@ def test_gradients_agree_float64():
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         y, s = scan(*leaves)
         grads.append(torch.autograd.grad((y * wy).sum() + (s * ws).sum(), leaves))
-    names = ["x", "dt", "A", "B", "C", "D", "initial_state"]
+    names = ["x", "dt", "A", "Bm", "Cm", "D", "initial_state"]
     for name, g_seq, g_par in zip(names, *grads):
         assert g_seq.abs().max() > 0, name
         assert rel_err(g_par, g_seq) < 1e-10, name
@@ -197,16 +197,16 @@ def test_scans_accept_bf16():
 @pytest.mark.parametrize("scan", [ssd_scan_sequential, ssd_scan_parallel])
 @pytest.mark.parametrize("broken, message", [
     (lambda a: {**a, "x": a["x"][0]}, "x must have shape"),
-    (lambda a: {**a, **{k: a[k][:, :0] for k in ("x", "dt", "B", "C")}}, "empty"),
+    (lambda a: {**a, **{k: a[k][:, :0] for k in ("x", "dt", "Bm", "Cm")}}, "length >= 1"),
     (lambda a: {**a, "dt": a["dt"][:, :-1]}, "dt must have shape"),
     (lambda a: {**a, "A": a["A"][:2]}, "A must have shape"),
-    (lambda a: {**a, "C": a["C"][..., :2]}, "B and C"),
-    (lambda a: {**a, **{k: a[k][:, :, :1].expand(-1, -1, 3, -1) for k in "BC"}}, "must divide"),
+    (lambda a: {**a, "Cm": a["Cm"][..., :2]}, "Cm must have shape"),
+    (lambda a: {**a, **{k: a[k][:, :, :1].expand(-1, -1, 3, -1) for k in ("Bm", "Cm")}}, "must divide"),
     (lambda a: {**a, "D": a["D"][:1]}, "D must have shape"),
     (lambda a: {**a, "initial_state": a["initial_state"][..., :1]}, "initial_state"),
 ])
 def test_scan_bad_inputs_raise(scan, broken, message):
-    names = ["x", "dt", "A", "B", "C", "D", "initial_state"]
+    names = ["x", "dt", "A", "Bm", "Cm", "D", "initial_state"]
     args = dict(zip(names, make_inputs(2, 10, 4, 3, 2, 5)))
     with pytest.raises(ValueError, match=message):
         scan(**broken(args))
@@ -285,7 +285,7 @@ def test_mamba2_token_by_token_equals_whole():
     m = small_mamba(ngroups=2)
     u = torch.randn(3, 40, 16, dtype=torch.float64)
     y_all, s_all = m(u)
-    state, ys = m.init_state(3), []
+    state, ys = None, []
     for t in range(40):
         y, state = m(u[:, t:t + 1], state)
         ys.append(y)
@@ -326,18 +326,14 @@ def test_mamba2_parameters_match_official_checkpoint():
     assert expected and got == expected
 
 
-def test_mamba2_bad_inputs_raise():
-    with pytest.raises(ValueError, match="headdim"):
-        Mamba2(d_model=10, headdim=8)
-    with pytest.raises(ValueError, match="ngroups"):
-        Mamba2(d_model=16, headdim=8, ngroups=3)
-    with pytest.raises(ValueError, match="dt_min"):
-        Mamba2(d_model=16, headdim=8, dt_min=0.2, dt_max=0.1)
-    m = small_mamba()
-    with pytest.raises(ValueError, match="d_model=16"):
-        m(torch.randn(2, 5, 15, dtype=torch.float64))
-    with pytest.raises(ValueError, match="state does not fit"):
-        m(torch.randn(2, 5, 16, dtype=torch.float64), m.init_state(3))
+def test_mamba_sizes_that_do_not_split_into_heads_are_refused_by_the_config():
+    """Mamba2 itself trusts its arguments; the public entry point, MVARConfig, checks that
+    expand * width splits into SSM heads of headdim channels (and width into attention heads)."""
+    with pytest.raises(ValueError, match="headdim 48"):
+        MVARConfig(depth=2, width=64, num_heads=2, headdim=48)
+    with pytest.raises(ValueError, match="num_heads 3"):
+        MVARConfig(depth=2, width=64, num_heads=3, headdim=16)
+    MVARConfig(arch="var", depth=2, width=64, num_heads=2, headdim=48)    # VAR has no Mamba layer
 
 
 @pytest.mark.processes

@@ -1,8 +1,8 @@
 """Long end-to-end checks, skipped by default (pytest.ini). Run them with `pytest -m slow`.
 
 The default `python train.py` run, on the built-in data, must produce samples in which a
-classifier trained on real images recognises the class (README "python train.py"). About 12
-minutes on a 2-core CPU.
+classifier trained on real images recognises the class (README "python train.py"). 7:15 on an
+idle 2-core CPU with one thread (benchmarks/RESULTS.md, "python train.py").
 """
 import os
 import sys

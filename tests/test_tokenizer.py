@@ -41,7 +41,7 @@ def tiny_model(seed=0, **overrides) -> MultiScaleVQVAE:
     torch.manual_seed(seed)
     model = MultiScaleVQVAE(tiny_config(**overrides)).eval()
     with torch.no_grad():
-        # Random phi convs (default init is fine) and a codebook on the scale of the encoder's
+        # Random phi convs (default init is fine) and a codebook of the same magnitude as the encoder's
         # features, so that many different codes get picked and the tests are not trivial.
         model.quantize.embedding.weight.mul_(0.3)
     return model
@@ -331,6 +331,13 @@ def test_forward_stats_match_code_usage_and_brute_force_counts():
     assert stats["restarted"] == 0          # tiny_config leaves restarts off
     # EMA buffer: the first training step copies the batch's hits
     assert torch.equal(model.quantize.ema_vocab_hit_SV, stats["hits"])
+    # forward's bookkeeping is update_code_usage; outside training it only counts
+    with torch.no_grad():
+        idx2, _, _, residuals = model.residual_quantize(model.quant_conv(model.encoder(x)))
+    ema = model.quantize.ema_vocab_hit_SV.clone()
+    again = model.eval().update_code_usage(idx2, residuals)
+    assert torch.equal(again["hits"], stats["hits"]) and again["restarted"] == 0
+    assert torch.equal(model.quantize.ema_vocab_hit_SV, ema)
 
 
 def test_code_usage_over_batches_and_uniform_perplexity():
@@ -455,7 +462,9 @@ def test_wrong_image_size_and_channels_are_clear_errors():
         model(torch.full((2, 3, 16, 16), 255.0))
     with pytest.raises(ValueError, match="expected 5 index maps"):
         model.idx_to_fhat(random_idx(model.cfg)[:4])
-    with pytest.raises(ValueError, match=r"scale 2 index map must have shape \(B, 9\)"):
+    # scale 2 (3x3, 9 tokens) given 4 tokens: the message lists what each scale needs and got
+    with pytest.raises(ValueError, match=r"pn_k\^2 = \[1, 4, 9, 25, 64\].*got shapes "
+                                         r"\[\(3, 1\), \(3, 4\), \(3, 4\), \(3, 25\)"):
         model.idx_to_fhat([i if k != 2 else i[:, :4] for k, i in enumerate(random_idx(model.cfg))])
 
 
@@ -469,7 +478,7 @@ def test_wrong_image_size_and_channels_are_clear_errors():
     (dict(ch=16, ch_mult=(2, 2)), r"ch and every ch \* ch_mult\[i\] must be divisible by 32"),
     (dict(share_quant_resi=9), "share_quant_resi"),
     (dict(share_quant_resi=6, patch_nums=(1, 2, 3, 4, 5, 6, 8)), r"leaves phi conv\(s\) \[4\] unused"),
-    (dict(quant_resi=1.5), "quant_resi"),
+    (dict(ch_mult=(1, 2, 2)), r"= 16/4 = 4, but it ends at 8"),
 ])
 def test_bad_config_is_a_clear_error(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -75,6 +75,20 @@ def test_cli_overrides_and_presets():
     assert train.parse_args(["--preset", "fashion-mnist"]).dataset == "fashion-mnist"
 
 
+def test_generator_length_in_steps_or_epochs():
+    """fashion-mnist states its length in steps: the 4,737 steps its earlier `gen_epochs 2.5264`
+    came to (60,000 images, batch 32: 1,875 steps an epoch), so the shipped weights' command
+    still trains the same. A length given in epochs replaces a preset's length in steps."""
+    fm = train.make_config("fashion-mnist")
+    assert fm.gen_steps == 4737 == round(2.5264 * (60000 // fm.gen_batch))
+    assert train.parse_args(["--preset", "fashion-mnist"]) == fm
+    assert train.parse_args(["--preset", "fashion-mnist", "--gen_epochs", "3"]).gen_steps == 0
+    assert train.make_config("fashion-mnist", gen_epochs=3.0).gen_steps == 0
+    both = train.parse_args(["--preset", "fashion-mnist", "--gen_epochs", "3", "--gen_steps", "9"])
+    assert both.gen_steps == 9                                   # gen_steps, when set, wins
+    assert train.make_config("tiny").gen_steps == 0 and train.make_config("cifar10").gen_epochs == 200
+
+
 def test_every_preset_builds_a_valid_tokenizer_config():
     # TokenizerConfig refuses a scale schedule that does not end at the latent size, so a preset
     # that changes image_size without patch_nums (or the reverse) fails here, not an hour in.
@@ -102,11 +116,12 @@ def test_cli_errors(argv, message, capsys):
 
 
 def test_every_field_is_classified():
-    """A field must either define a stage (checked on resume) or be a runtime knob."""
+    """A field must either define a stage (checked on resume: its value, or for stage 2's length
+    the number of steps it comes to) or be a runtime knob."""
     names = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    defining = set(train.STAGE1_FIELDS) | set(train.STAGE2_FIELDS)
-    assert defining | set(train.RUNTIME_FIELDS) == names
-    assert not defining & set(train.RUNTIME_FIELDS)
+    defining = set(runtime.STAGE1_FIELDS) | set(runtime.STAGE2_FIELDS) | set(runtime.LENGTH_FIELDS)
+    assert defining | set(runtime.RUNTIME_FIELDS) == names
+    assert not defining & set(runtime.RUNTIME_FIELDS)
     for f in dataclasses.fields(train.TrainConfig):
         assert f.metadata.get("help"), f"{f.name} has no --help text"
 
@@ -221,6 +236,28 @@ def test_resume_refuses_other_config_and_arch(full_run, tmp_path):
     # the generator stage without a finished tokenizer
     with pytest.raises(FileNotFoundError, match="tokenizer.pt does not exist"):
         train.main(TINY + ["--out_dir", str(tmp_path / "empty"), "--stage", "generator"])
+
+
+def test_resume_checks_the_length_in_steps(full_run, tmp_path):
+    """A run folder written before gen_steps existed (its config has gen_epochs only) resumes
+    under a config that states the same number of steps as gen_steps, and ends bit-identical to
+    the uninterrupted run; another number of steps is refused, with the flags to fix it."""
+    out, _ = full_run
+    run = tmp_path / "old"
+    run.mkdir()
+    for name in ("tokenizer.pt", "tokens.pt"):
+        (run / name).write_bytes((out / name).read_bytes())
+    train.main(TINY + ["--out_dir", str(run), "--stage", "generator", "--stop_after", "2"])
+    ck = runtime.load_checkpoint(run / "mvar.pt", "generator")
+    del ck["config"]["train"]["gen_steps"]                     # as the older code wrote it
+    runtime.save_checkpoint(ck, run / "mvar.pt")
+    with pytest.raises(ValueError, match=r"run of 6 steps; this one asks for 7 \(--gen_steps / --gen_epochs\)"):
+        train.main(TINY + ["--out_dir", str(run), "--stage", "generator", "--gen_steps", "7"])
+    in_steps = [a for a in TINY if a not in ("--gen_epochs", "1.5")] + ["--gen_steps", str(GEN_STEPS)]
+    train.main(in_steps + ["--out_dir", str(run), "--stage", "generator"])
+    a, b = runtime.load_checkpoint(out / "mvar.pt", "generator"), runtime.load_checkpoint(run / "mvar.pt", "generator")
+    for key in ("model", "optimizer", "step", "history"):
+        tensors_equal(a[key], b[key], key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,8 +401,7 @@ def test_token_cache_rebuilt_for_another_tokenizer(tmp_path):
     for seed in (0, 1):
         torch.manual_seed(seed)
         tok = MultiScaleVQVAE(tok_cfg).eval()
-        runtime.save_checkpoint(train.tokenizer_payload(cfg, tok, None, 0, 0, [], [], True),
-                              tmp_path / "tokenizer.pt")
+        runtime.save_checkpoint(runtime.stage_checkpoint("tokenizer", cfg, tok), tmp_path / "tokenizer.pt")
         caches.append(train.token_cache(cfg, d, tok))
         again = train.token_cache(cfg, d, tok)              # reused, not re-encoded
         assert torch.equal(again["train"]["idx"], caches[-1]["train"]["idx"])

@@ -170,7 +170,7 @@ def write_provenance(dest: Path, times: dict, res: dict) -> None:
         "",
         f"- code: commit `{commit[:12]}` (the commit that ran `weights/make.py`; the training ran",
         "  on the same model code)",
-        f"- files: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in sizes.items()),
+        "- files: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in sizes.items()),
         f"- default sampling (sample.py, notebooks): cfg {SAMPLING['cfg']:g}, top-k {SAMPLING['top_k']}, "
         f"top-p {SAMPLING['top_p']:g}",
         "",
