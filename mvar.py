@@ -28,7 +28,8 @@ Shape letters, the sizes in docstrings and shape comments: one meaning each in t
   c    number of chunks
 Indices: k a scale, i and j token positions (i receives, j sends), m a chunk, t a step of the
 loop. The SSM's matrices, A B C D in the Mamba-2 paper, are A, Bm, Cm, D here (so that B and C
-stay sizes). Cimg, S (image channels and side) and h, w (latent size) are tokenizer.py's.
+stay sizes). A name's suffix gives its shape, as in the official code: pos_1LC is (1, L, C),
+cond_BC is (B, C). Cimg, S (image channels and side) and h, w (latent size) are tokenizer.py's.
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
@@ -354,8 +355,10 @@ class Mamba2(nn.Module):
 # =====================================================================================
 # 3. Configuration
 # =====================================================================================
-# One dataclass holds every choice that changes the network. The defaults are M-VAR-d16 on
-# ImageNet 256, the smallest model the M-VAR paper reports (the official code also trains a d12).
+# One dataclass holds every choice that changes the network. The defaults are M-VAR-d16's sizes on
+# ImageNet 256, the smallest model the M-VAR paper reports (the official code also trains a d12);
+# the released d16 and d20 checkpoints were trained with attn_l2_norm=False (runtime reads it
+# from the file), our default keeps VAR's cosine attention.
 # `depth` drives the rest (width = 64*depth, heads = depth), VAR's size rule, which M-VAR keeps,
 # so "d16" or "d20" names a whole model.
 
@@ -461,8 +464,9 @@ class ScaleAttention(nn.Module):
         self.proj = nn.Linear(C, C)
         if l2_norm:   # the log temperature per head; forward multiplies q by its exp
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
-        # what scaled_dot_product_attention multiplies q . k by: 1 when q carries the temperature
-        self.temperature = 1.0 if l2_norm else 0.25 / math.sqrt(C // num_heads)
+        # the fixed temperature scaled_dot_product_attention applies: VAR's 0.25 / sqrt(d), or 1
+        # when the learned one is already folded into q (l2_norm)
+        self.fixed_temperature = 1.0 if l2_norm else 0.25 / math.sqrt(C // num_heads)
 
     def forward(self, x, spans, kv_cache=None):
         """x (B, l, C) holds the scales listed in `spans` ([(start, end)] into x) -> (B, l, C), and
@@ -486,7 +490,7 @@ class ScaleAttention(nn.Module):
             # VAR (block-causal): its own scale's and every coarser scale's, 0:end.
             first = 0 if self.block_causal else start
             outs.append(F.scaled_dot_product_attention(q_scale, k[:, :, first:end], v[:, :, first:end],
-                                                       scale=self.temperature))
+                                                       scale=self.fixed_temperature))
         return self.proj(rearrange(torch.cat(outs, dim=2), "b h L d -> b L (h d)")), (k, v)
 
 
@@ -532,7 +536,8 @@ class Block(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 3 * self.num_branches * C))
 
     def adaln(self, cond_BC):
-        """cond_BC (B, C) -> the two AdaLN halves of branch i (0 attention, 1 Mamba, -1 FFN):
+        """cond_BC (B, C) -> the two AdaLN halves of branch i (0 attention, 1 Mamba, -1 FFN: the
+        last branch, 2 in M-VAR and 1 in VAR, whose block has no Mamba line):
         norm(x, i) = LN(x) (1 + gain_i) + shift_i, the branch's input, and gate(y, i) = gate_i y,
         its output multiplied by the gate (and in training dropped for some samples: drop-path,
         or stochastic depth)."""
@@ -658,6 +663,7 @@ class MVAR(nn.Module):
             drop = torch.rand(B, device=labels.device) < cfg.cond_drop
             labels = torch.where(drop, torch.full_like(labels, cfg.num_classes), labels)
         cond_BC = self.class_emb(labels)
+        # scale 0's input: the class embedding (VAR's "sos", start of sequence) at its positions
         sos = cond_BC.unsqueeze(1) + self.pos_start                  # (B, pn_0^2, C)
         x = torch.cat([sos, self.word_embed(teacher_input.to(sos.dtype))], dim=1)
         x = x + self.lvl_embed(self.lvl_1L) + self.pos_1LC           # (B, L, C)
@@ -693,8 +699,8 @@ class MVAR(nn.Module):
         carried = [None] * len(self.blocks)         # None: nothing seen yet
         f_hat, out = None, {"idx": [], "scales": [], "logits": []}
         for k, pn in enumerate(cfg.patch_nums):
-            for i, block in enumerate(self.blocks):
-                x, carried[i] = block.forward_one_scale(x, cond_BC, carried[i])
+            for layer, block in enumerate(self.blocks):
+                x, carried[layer] = block.forward_one_scale(x, cond_BC, carried[layer])
             logits = self.head(self.head_nm(x, cond_BC)).float()              # (2B or B, l, V)
             if return_logits:
                 out["logits"].append(logits)
@@ -703,7 +709,8 @@ class MVAR(nn.Module):
                 strength = guidance * ratio
                 logits = (1 + strength) * logits[:B] - strength * logits[B:]
             if more_smooth:   # soft (gumbel-softmax) code mixture: smoother pictures, not for FID
-                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)     # over the top-k / top-p tokens
+                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)     # sharper at finer scales
+                # a soft mixture over the tokens top-k / top-p keep, turned into a code vector
                 probs = gumbel_softmax(top_k_top_p_filter(logits, top_k, top_p) * (1 + ratio), tau, generator)
                 z_k = rearrange(probs @ tokenizer.quantize.embedding.weight,   # (B, Cvae, pn, pn)
                                 "b (row col) cvae -> b cvae row col", row=pn)

@@ -13,7 +13,7 @@ file batches that call, seeds it, and writes what you look at or measure:
 
   <arch>_grid.png   one column per class, --per_class rows (row r: sample r of every class);
   <arch>_strip.png  (--strip) one row per class -- the grid's first sample -- and one column
-                    per scale: the picture decoded after scales 1..k, so you see it sharpen;
+                    per scale: the picture decoded after scales 0..k, so you see it sharpen;
   <arch>_N.npz      (--npz N) the ImageNet FID evaluator's layout: arr_0 uint8 (n, S, S, 3),
                     arr_1 the classes; sample i has class classes[i % #classes].
 They go to --out (a folder, or a .png / .npz name). With neither --ckpt nor --official it samples
@@ -31,7 +31,7 @@ The chapter, top to bottom:
 How one image is drawn (mvar.MVAR.sample_tokens; nothing here changes it):
   for k = 0 .. K-1:  the blocks see only scale k's new tokens (earlier scales are carried:
                      Mamba's fixed-size state in M-VAR, the attention KV cache in VAR)
-                     logits = (1 + t) * cond - t * uncond,   t = guidance * k / (K - 1)
+                     logits = (1 + s) * cond - s * uncond,   s = guidance * k / (K - 1)
                      keep the top-k tokens, then the smallest set holding top-p of the
                      probability; draw all pn x pn tokens of the scale at once
                      f_hat += phi_k(upsample(the new tokens' codes)); scale k+1's input is

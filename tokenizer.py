@@ -263,7 +263,7 @@ class MultiScaleVQVAE(nn.Module):
         No upsampling, no phi: this is what a sampler gets from the codes it just drew.
         Token t sits at row t // pn, column t % pn (row-major), in the generator's order too."""
         pn = self.cfg.patch_nums[k]
-        return rearrange(self.quantize.embedding(idx_Bl), "b (h w) cvae -> b cvae h w", h=pn, w=pn)
+        return rearrange(self.quantize.embedding(idx_Bl), "b (row col) cvae -> b cvae row col", row=pn)
 
     def scale_contribution(self, z_k: torch.Tensor, k: int) -> torch.Tensor:
         """phi_k(interpolate(z_k, h, w)): scale k's part of f_hat. (B, Cvae, pn_k, pn_k) -> (B, Cvae, h, w).
@@ -288,7 +288,7 @@ class MultiScaleVQVAE(nn.Module):
     def residual_quantize(self, f: torch.Tensor):
         """VAR Algorithm 1 (multi-scale VQ-VAE encoding) on encoder features f (B, Cvae, h, w):
 
-            for k = 1..K:
+            for k = 1..K:                                (the paper counts from 1, the code from 0)
                 r_k = Q(interpolate(f, h_k, w_k))        quantize the residual, seen at pn_k x pn_k
                 z_k = interpolate(lookup(Z, r_k), h, w)  its codes, back at full size
                 f   = f - phi_k(z_k)                     remove what scale k explained
@@ -317,7 +317,7 @@ class MultiScaleVQVAE(nn.Module):
             for k, pn in enumerate(cfg.patch_nums):
                 # r_k = Q(interpolate(f_rest, pn, pn)), "area" being average pooling
                 rest_k = F.interpolate(f_rest, size=(pn, pn), mode="area") if k != K - 1 else f_rest
-                rest = rearrange(rest_k, "b cvae h w -> (b h w) cvae")        # (M, Cvae)
+                rest = rearrange(rest_k, "b cvae row col -> (b row col) cvae")        # (M, Cvae)
                 idx_Bl = nearest_code(rest, codebook, cosine=cfg.using_znorm).view(-1, pn * pn)
                 # f_hat += phi_k(z_k) and f_rest -= phi_k(z_k), with z_k = lookup(Z, r_k) upsampled
                 contribution = self.scale_contribution(self.embed_scale(idx_Bl, k), k)
@@ -390,7 +390,7 @@ class MultiScaleVQVAE(nn.Module):
         f_hat, chunks = None, [self.quantize.embedding.weight.new_zeros(B, 0, Cvae)]   # K = 1: (B, 0, Cvae)
         for k in range(len(idx_list) - 1):
             f_hat, next_in = self.next_input(k, f_hat, self.embed_scale(idx_list[k], k))
-            chunks.append(rearrange(next_in, "b cvae h w -> b (h w) cvae"))
+            chunks.append(rearrange(next_in, "b cvae row col -> b (row col) cvae"))
         return torch.cat(chunks, dim=1)
 
     # ---- training: VAR §3.1 Eq. 5 ------------------------------------------------------------

@@ -60,7 +60,8 @@ Official code -> this file (VAR's repository: train.py, trainer.py, utils/)
 
 Shape letters (as in mvar.py and tokenizer.py): B batch (per process), Cimg image channels,
 S image side, K scales, pn side of one scale's token map, L = sum pn^2 tokens of all scales,
-V codebook size, Cvae tokenizer latent channels.
+V codebook size, Cvae tokenizer latent channels. `proc` is this process: its rank, the number
+of processes and its device (runtime.DistInfo; one process unless started by torchrun).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class TrainConfig:
     vae_ckpt: str = option("", "import VAR's released tokenizer from this .pth, instead of training")
     eval_images: int = option(0, "images of the test split used by the final evals (0 = all)")
     # --- stage 2: generator ----------------------------------------------------------------
-    depth: int = option(4, "generator depth (VAR/M-VAR size rule: width 64*depth, heads = depth)")
+    depth: int = option(4, "generator depth (width, heads = 0: VAR's rule, 64*depth, depth)")
     width: int = option(128, "model width C (0 = 64*depth)")
     num_heads: int = option(4, "attention heads (0 = depth)")
     d_state: int = option(64, "M-VAR's Mamba-2: SSM state size N (the released models: 64)")
@@ -161,7 +162,7 @@ class TrainConfig:
 
 
 # Presets change only what differs from the defaults above ("tiny": 16 px shapes, 4x4 latents,
-# a depth-4 width-128 generator, both stages in ~12 minutes on a 2-core CPU). The ImageNet ones
+# a depth-4 width-128 generator, both stages in 4:21 on an idle 2-core CPU). The ImageNet ones
 # are VAR's / M-VAR's released training commands (M-VAR: "the hyperparameters of training are
 # the same as VAR"), warm-up ep/50 (VAR's default); each preset lists what its command sets.
 # How the fashion-mnist values were chosen: benchmarks/RESULTS.md, "The fashion-mnist preset".
@@ -281,7 +282,7 @@ def tokenizer_config_for(cfg: TrainConfig, in_channels: int):
                             **{k: v for k, v in over.items() if v})
 
 
-def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -> MultiScaleVQVAE | None:
+def train_tokenizer(cfg: TrainConfig, proc: DistInfo, deadline: float = math.inf) -> MultiScaleVQVAE | None:
     """Stage 1. Trains (or resumes, or imports) the tokenizer; writes RUN/tokenizer.pt,
     RUN/tokenizer_recon.png, RUN/tokenizer_eval.json. Returns the finished tokenizer (eval
     mode), or None if the time budget / --stop_after ended this invocation first.
@@ -292,26 +293,26 @@ def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -
     (MultiScaleVQVAE.update_code_usage, where the tokenizer preset turns it on)."""
     run, path = Path(cfg.out_dir), Path(cfg.out_dir) / "tokenizer.pt"
     if cfg.vae_ckpt:                                   # the ImageNet presets: VAR's released tokenizer
-        return import_var_tokenizer(cfg, d, path)
+        return import_var_tokenizer(cfg, proc, path)
     train_ds, test_ds = load_dataset(cfg, "train"), load_dataset(cfg, "test", download_ok=False)
     torch.manual_seed(cfg.seed)                        # identical init on every rank
-    model = MultiScaleVQVAE(tokenizer_config_for(cfg, in_channels=train_ds[0][0].shape[0])).to(d.device)
+    model = MultiScaleVQVAE(tokenizer_config_for(cfg, in_channels=train_ds[0][0].shape[0])).to(proc.device)
     # No weight decay: it would pull the codebook and the convs toward 0 for no benefit here.
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sampler = ShardedSampler(len(train_ds), cfg.tok_batch, cfg.seed, d.rank, d.world_size)
+    sampler = ShardedSampler(len(train_ds), cfg.tok_batch, cfg.seed, proc.rank, proc.world_size)
     total = max(1, round(cfg.tok_epochs * sampler.steps_per_epoch))
-    torch.manual_seed(cfg.seed * 1000 + d.rank)        # per-rank stream (dead-code restarts)
-    amp_dtype, scaler = amp_setup(cfg, d.device)
-    stage = StageRun("tokenizer", cfg, d, path, total, deadline, model, opt, scaler)   # runtime.py
+    torch.manual_seed(cfg.seed * 1000 + proc.rank)        # per-rank stream (dead-code restarts)
+    amp_dtype, scaler = amp_setup(cfg, proc.device)
+    stage = StageRun("tokenizer", cfg, proc, path, total, deadline, model, opt, scaler)   # runtime.py
     step = stage.resume()
     if step >= total:
         return model.eval().requires_grad_(False)
-    net = wrap_ddp(model, d)
-    preview = torch.stack([test_ds[i][0] for i in range(min(8, len(test_ds)))]).to(d.device)
-    for img, _ in step_loader(train_ds, sampler, step, total, cfg.num_workers, d.device.type == "cuda"):
-        img = img.to(d.device, non_blocking=True)      # (B, Cimg, S, S) in [-1, 1]
+    net = wrap_ddp(model, proc)
+    preview = torch.stack([test_ds[i][0] for i in range(min(8, len(test_ds)))]).to(proc.device)
+    for img, _ in step_loader(train_ds, sampler, step, total, cfg.num_workers, proc.device.type == "cuda"):
+        img = img.to(proc.device, non_blocking=True)      # (B, Cimg, S, S) in [-1, 1]
         set_schedule(opt, step, total, cfg.tok_lr, cfg)
-        with autocast(d.device, amp_dtype):
+        with autocast(proc.device, amp_dtype):
             recon, vq_loss, stats = net(img)           # encode, quantize every scale, decode
         recon = recon.float()
         # Pixel loss: L1 keeps edges sharp, L2 (= the PSNR objective) fixes large errors.
@@ -320,31 +321,32 @@ def train_tokenizer(cfg: TrainConfig, d: DistInfo, deadline: float = math.inf) -
         optimizer_step(opt, model, scaler, cfg.grad_clip)
         step += 1
         stage.record(step, loss.item(), psnr=psnr(img, recon.detach()).mean(), used=stats["used"])
-        if step % cfg.image_every == 0 and d.is_main:
+        if step % cfg.image_every == 0 and proc.is_main:
             save_recon_grid(model, preview, run / "tokenizer_recon.png")
         if stage.checkpoint_or_stop(step):
             return None
     stage.close()
-    if d.is_main:                                      # originals above, reconstructions below
+    if proc.is_main:                                      # originals above, reconstructions below
         save_recon_grid(model, preview, run / "tokenizer_recon.png")
-        report_tokenizer_eval(eval_tokenizer(model, test_ds, cfg.tok_batch, cfg.eval_images, d.device), run)
+        res = eval_tokenizer(model, test_ds, cfg.tok_batch, cfg.eval_images, proc.device)
+        report_tokenizer_eval(res, run)
         save_loss_plot(stage.history, run / "tokenizer_loss.png", "stage 1: tokenizer")
-    d.barrier()
+    proc.barrier()
     return model.eval().requires_grad_(False)
 
 
-def import_var_tokenizer(cfg: TrainConfig, d: DistInfo, path: Path) -> MultiScaleVQVAE:
+def import_var_tokenizer(cfg: TrainConfig, proc: DistInfo, path: Path) -> MultiScaleVQVAE:
     """ImageNet presets: stage 1 = convert VAR's released tokenizer into RUN/tokenizer.pt (`path`).
     VAR trained it on OpenImages with perceptual and GAN losses; it is used frozen, as in VAR."""
     if path.exists():                                  # imported by an earlier invocation
-        return load_trained_tokenizer(path, d.device)[0]
-    model = load_var_checkpoint(cfg.vae_ckpt).to(d.device)
-    if d.is_main:
+        return load_trained_tokenizer(path, proc.device)[0]
+    model = load_var_checkpoint(cfg.vae_ckpt).to(proc.device)
+    if proc.is_main:
         print(f"stage 1: imported VAR's tokenizer from {cfg.vae_ckpt}")
         report_tokenizer_eval(eval_tokenizer(model, load_dataset(cfg, "test"), cfg.tok_batch,
-                                             cfg.eval_images, d.device), path.parent)
+                                             cfg.eval_images, proc.device), path.parent)
         save_checkpoint(stage_checkpoint("tokenizer", cfg, model, source=cfg.vae_ckpt), path)
-    d.barrier()
+    proc.barrier()
     return model
 
 
@@ -393,7 +395,7 @@ def encode_images(tokenizer: MultiScaleVQVAE, ds, indices, batch: int, device, f
     return cat(out), (cat(out_flip) if flip else None)
 
 
-def token_cache(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE) -> dict:
+def token_cache(cfg: TrainConfig, proc: DistInfo, tokenizer: MultiScaleVQVAE) -> dict:
     """RUN/tokens.pt, built by encode_images and kept while the tokenizer file (by sha256), the
     data settings and --data_dir stay the same (the file handling is data.cached_tokens)."""
     identity = {"tokenizer_sha256": file_digest(Path(cfg.out_dir) / "tokenizer.pt"),
@@ -403,7 +405,7 @@ def token_cache(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE) -> di
     def encode_split(split, rank, world):
         ds = load_dataset(cfg, split, download_ok=False)
         mine = list(range(rank, len(ds), world))
-        idx, idx_flip = encode_images(tokenizer.eval(), ds, mine, cfg.tok_batch, d.device,
+        idx, idx_flip = encode_images(tokenizer.eval(), ds, mine, cfg.tok_batch, proc.device,
                                       cfg.hflip and split == "train", cfg.num_workers)
         return {"idx": idx, "idx_flip": idx_flip, "labels": ds.labels[mine].clone(),
                 "num_classes": ds.num_classes, "class_names": ds.class_names}
@@ -425,33 +427,34 @@ def model_config_for(cfg: TrainConfig, tok_cfg, num_classes: int) -> MVARConfig:
                       alng=cfg.alng, d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand)
 
 
-def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, deadline: float = math.inf):
+def train_generator(cfg: TrainConfig, proc: DistInfo, tokenizer: MultiScaleVQVAE, deadline: float = math.inf):
     """Stage 2: train (or resume) the generator on the token cache -> RUN/<arch>.pt (mvar.pt or
     var.pt), its eval and its pictures. Each step is VAR's train_step: the batch's true token maps
     -> the teacher input -> logits -> cross-entropy -> backward -> clip and AdamW step (class
     dropout happens inside the model's forward). Returns the model (eval mode), or None when the
     time budget / --stop_after ended this invocation first."""
-    cache = token_cache(cfg, d, tokenizer)
+    cache = token_cache(cfg, proc, tokenizer)
     train_ds, test_ds = TokenDataset(cache["train"], cfg.seed), TokenDataset(cache["test"])
-    pns, micro = tokenizer.cfg.patch_nums, cfg.gen_batch // (d.world_size * cfg.grad_accum)
+    pns, micro = tokenizer.cfg.patch_nums, cfg.gen_batch // (proc.world_size * cfg.grad_accum)
     torch.manual_seed(cfg.seed)                        # identical init on every rank
-    model = MVAR(model_config_for(cfg, tokenizer.cfg, cache["num_classes"])).to(d.device)
+    model = MVAR(model_config_for(cfg, tokenizer.cfg, cache["num_classes"])).to(proc.device)
     peak_lr = cfg.base_lr * cfg.gen_batch / 256        # VAR's linear scaling rule
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.95),
-                            fused=(d.device.type == "cuda") or None)
-    amp_dtype, scaler = amp_setup(cfg, d.device)
-    sampler = ShardedSampler(len(train_ds), cfg.gen_batch, cfg.seed, d.rank, d.world_size)
+                            fused=(proc.device.type == "cuda") or None)
+    amp_dtype, scaler = amp_setup(cfg, proc.device)
+    sampler = ShardedSampler(len(train_ds), cfg.gen_batch, cfg.seed, proc.rank, proc.world_size)
     total = cfg.gen_steps or max(1, round(cfg.gen_epochs * sampler.steps_per_epoch))
-    torch.manual_seed(cfg.seed * 1000 + d.rank)        # per-rank stream: class dropout, drop-path
-    stage = StageRun("generator", cfg, d, Path(cfg.out_dir) / f"{cfg.arch}.pt", total, deadline, model, opt,
+    torch.manual_seed(cfg.seed * 1000 + proc.rank)        # per-rank stream: class dropout, drop-path
+    path = Path(cfg.out_dir) / f"{cfg.arch}.pt"
+    stage = StageRun("generator", cfg, proc, path, total, deadline, model, opt,
                      scaler, tokenizer, cache)          # resume, checkpoints, log: runtime.py
     step = stage.resume()
     if step >= total:
         return model.eval()
-    net = torch.compile(wrap_ddp(model, d)) if cfg.compile else wrap_ddp(model, d)
+    net = torch.compile(wrap_ddp(model, proc)) if cfg.compile else wrap_ddp(model, proc)
     for idx_BL, labels in step_loader(train_ds, sampler, step, total):       # (B, L), (B,)
         lr = set_schedule(opt, step, total, peak_lr, cfg)
-        idx_BL, labels = idx_BL.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+        idx_BL, labels = idx_BL.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
         loss_sum, acc_sum = 0.0, 0.0
         for j in range(cfg.grad_accum):                # gradient accumulation over micro-batches
             part = slice(j * micro, (j + 1) * micro)
@@ -460,8 +463,8 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
             # K predictions p(r_k | r_<k) are made and scored in this one pass (VAR §3).
             with torch.no_grad():
                 teacher = tokenizer.idx_to_teacher_input(idx_list)        # (B, L - pn_0^2, Cvae)
-            with grad_sync(net, d, last=j == cfg.grad_accum - 1):        # DDP: all-reduce at the last
-                with autocast(d.device, amp_dtype):
+            with grad_sync(net, proc, last=j == cfg.grad_accum - 1):        # DDP: all-reduce at the last
+                with autocast(proc.device, amp_dtype):
                     logits = net(labels[part], teacher)                   # (B, L, V)
                 loss, acc = compute_loss(logits, idx_list)   # cross-entropy over all L tokens
                 # Dividing by grad_accum makes the summed gradients those of the whole batch;
@@ -472,17 +475,17 @@ def train_generator(cfg: TrainConfig, d: DistInfo, tokenizer: MultiScaleVQVAE, d
         grad_norm = optimizer_step(opt, model, scaler, cfg.grad_clip)
         step += 1
         stage.record(step, loss_sum, lr, acc=100 * acc_sum, gnorm=grad_norm)     # acc: % per scale
-        if step % cfg.image_every == 0 and step < total and d.is_main:
+        if step % cfg.image_every == 0 and step < total and proc.is_main:
             save_generator_pictures(cfg, model, tokenizer, cache["class_names"], stage.history, step)
         if stage.checkpoint_or_stop(step):
             return None
     stage.close()
-    if d.is_main:
-        res = eval_generator(model, tokenizer, test_ds, micro, cfg.eval_images, d.device, amp_dtype)
+    if proc.is_main:
+        res = eval_generator(model, tokenizer, test_ds, micro, cfg.eval_images, proc.device, amp_dtype)
         report_generator_eval(dict(res, arch=cfg.arch, steps=total, train_loss_last=stage.history[-1][1]),
                               Path(cfg.out_dir) / f"{cfg.arch}_eval.json")
         save_generator_pictures(cfg, model, tokenizer, cache["class_names"], stage.history)
-    d.barrier()
+    proc.barrier()
     return model.eval()
 
 
@@ -514,18 +517,19 @@ def main(argv=None) -> dict:
     """Run the requested stage(s). Returns {"tokenizer": ..., "generator": ...} (the trained
     modules, or None for a stage that did not run to the end)."""
     cfg, out = parse_args(argv), {"tokenizer": None, "generator": None}
-    with distributed(cfg.device) as d:                 # one process, or torchrun's process group
-        check_settings(cfg, d)                         # bad settings fail here, before any work
+    with distributed(cfg.device) as proc:                 # one process, or torchrun's process group
+        check_settings(cfg, proc)                         # bad settings fail here, before any work
         deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
-        if d.is_main:
+        if proc.is_main:
             write_json(asdict(cfg), Path(cfg.out_dir) / "config.json")    # (makes the run folder)
-        d.print(f"run folder {cfg.out_dir}: preset {cfg.preset}, stage {cfg.stage}, arch {cfg.arch}, "
-                f"{d.world_size} process(es) on {d.device}")
+        proc.print(f"run folder {cfg.out_dir}: preset {cfg.preset}, stage {cfg.stage}, arch {cfg.arch}, "
+                f"{proc.world_size} process(es) on {proc.device}")
         if cfg.stage in ("tokenizer", "all"):
-            out["tokenizer"] = train_tokenizer(cfg, d, deadline)
+            out["tokenizer"] = train_tokenizer(cfg, proc, deadline)
         if cfg.stage == "generator" or (cfg.stage == "all" and out["tokenizer"] is not None):
-            tok = out["tokenizer"] or load_trained_tokenizer(Path(cfg.out_dir) / "tokenizer.pt", d.device)[0]
-            out["generator"] = train_generator(cfg, d, tok, deadline)
+            tok = out["tokenizer"] or load_trained_tokenizer(Path(cfg.out_dir) / "tokenizer.pt",
+                                                             proc.device)[0]
+            out["generator"] = train_generator(cfg, proc, tok, deadline)
     return out
 
 
@@ -535,7 +539,7 @@ def parse_args(argv=None) -> TrainConfig:
                              "Train the M-VAR tokenizer and generator.")
 
 
-def check_settings(cfg: TrainConfig, d: DistInfo) -> None:
+def check_settings(cfg: TrainConfig, proc: DistInfo) -> None:
     """What a command line can get wrong that the stages would only find out late (an hour in,
     on the first batch or when the token cache is built); each message names the flag to fix."""
     tokenizer_config_for(cfg, in_channels=3)           # an impossible scale schedule fails here
@@ -543,9 +547,9 @@ def check_settings(cfg: TrainConfig, d: DistInfo) -> None:
     if cfg.vae_ckpt and (cfg.image_size, tuple(cfg.patch_nums or v.patch_nums)) != (256, v.patch_nums):
         raise ValueError(f"VAR's tokenizer works at {v.image_size}px with patch_nums {v.patch_nums}; "
                          f"got --image_size {cfg.image_size} --patch_nums {cfg.patch_nums}")
-    if cfg.stage != "tokenizer" and cfg.gen_batch % (d.world_size * cfg.grad_accum):
+    if cfg.stage != "tokenizer" and cfg.gen_batch % (proc.world_size * cfg.grad_accum):
         raise ValueError(f"--gen_batch {cfg.gen_batch} must be divisible by processes x grad_accum "
-                         f"= {d.world_size} x {cfg.grad_accum}")
+                         f"= {proc.world_size} x {cfg.grad_accum}")
 
 
 if __name__ == "__main__":
