@@ -99,6 +99,8 @@ from einops import rearrange, repeat
 # large matmuls (the "SSD" chunked algorithm of Mamba-2 §6), which is what makes training fast
 # on any device: it uses only cumsum / exp / masks / batched matmuls and a short loop over chunks,
 # no custom kernel. Both check their inputs' shapes first (section 8, at the end of the file).
+# tests/test_scan.py holds the parallel scan to the loop in float64 (outputs, final states and
+# gradients), and notebook 01 builds it up step by step, with its decay matrix as a picture.
 
 
 def _state_dtype(dtype):
