@@ -474,7 +474,7 @@ def train_generator(cfg: TrainConfig, proc: DistInfo, tokenizer: MultiScaleVQVAE
             acc_sum = acc_sum + acc.detach().float().cpu() / cfg.grad_accum
         grad_norm = optimizer_step(opt, model, scaler, cfg.grad_clip)
         step += 1
-        stage.record(step, loss_sum, lr, acc=100 * acc_sum, gnorm=grad_norm)     # acc: % per scale
+        stage.record(step, loss_sum, lr, acc=(100 * acc_sum).round(), gnorm=grad_norm)   # acc: % per scale
         if step % cfg.image_every == 0 and step < total and proc.is_main:
             save_generator_pictures(cfg, model, tokenizer, cache["class_names"], stage.history, step)
         if stage.checkpoint_or_stop(step):
