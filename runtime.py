@@ -18,7 +18,9 @@ The plumbing of train.py and sample.py; nothing in this file is part of the meth
     same two functions load;
   * the officially released weights: VAR's tokenizer (load_var_checkpoint) and the M-VAR / VAR
     generators (load_official_checkpoint), with every architecture setting read from the files
-    themselves (official_generator_config, var_tokenizer_config; load_official does both).
+    themselves (official_generator_config, var_tokenizer_config; load_official does both);
+  * sample.py's command line, its checks, and loading what it samples (parse_sample_args,
+    load_sampling_models, pick_classes, parse_classes), with the papers' FID setting (OFFICIAL_FID).
 
 Every file is read with torch.load(weights_only=True): a checkpoint holds only tensors and plain
 Python values, so loading one never runs pickled code.
@@ -759,12 +761,14 @@ def load_official(path, vae_ckpt, device="cpu", patch_nums=None, expect: dict | 
     load_official_checkpoint(model, sd)
     return model.to(device).eval(), load_var_checkpoint(vae_ckpt, device, cfg.patch_nums)
 
+
+# --------------------------------------------------------------------------------------------
+# sample.py's command line, its checks, and loading what it samples
+# --------------------------------------------------------------------------------------------
+
 # The sampling setting behind the published FID numbers of VAR and M-VAR (no gumbel smoothing).
 OFFICIAL_FID = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
 
-# ============================================================================================
-# sample.py's command line, its checks, and loading what it samples
-# ============================================================================================
 
 def parse_sample_args(argv, description: str):
     """The command line -> args: flags checked together, args.device a torch.device, args.amp_dtype

@@ -523,7 +523,7 @@ def main(argv=None) -> dict:
         if proc.is_main:
             write_json(asdict(cfg), Path(cfg.out_dir) / "config.json")    # (makes the run folder)
         proc.print(f"run folder {cfg.out_dir}: preset {cfg.preset}, stage {cfg.stage}, arch {cfg.arch}, "
-                f"{proc.world_size} process(es) on {proc.device}")
+                   f"{proc.world_size} process(es) on {proc.device}")
         if cfg.stage in ("tokenizer", "all"):
             out["tokenizer"] = train_tokenizer(cfg, proc, deadline)
         if cfg.stage == "generator" or (cfg.stage == "all" and out["tokenizer"] is not None):
