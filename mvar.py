@@ -35,6 +35,8 @@ Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
   Mamba-2 §6, the SSD algorithm: chunked matmuls, and a short      ssd_scan_parallel, segsum
     loop that passes states from chunk to chunk
+  Mamba-2 §4-5, state space duality: the SSM as a masked attention ssd_attention_matrix,
+    matrix (its "hidden attention", arXiv 2403.01590)              Mamba2.hidden_attention
   Mamba-2 §7, the Mamba-2 layer (projections, conv, gated norm)    Mamba2, GatedRMSNorm
   M-VAR method, intra-scale modeling: bidirectional attention      ScaleAttention.forward (the
     restricted to one scale                                        rule), attention_pairs
@@ -245,6 +247,27 @@ def ssd_scan_parallel(x, dt, A, Bm, Cm, D=None, initial_state=None, chunk_size=6
     return y.to(x.dtype), rearrange(h, "b g r p n -> b (g r) p n")
 
 
+def ssd_attention_matrix(dt, A, Bm, Cm):
+    """The scan as one matrix: Mamba-2's "hidden attention". dt (B, L, H) > 0, A (H,) < 0, Bm and
+    Cm (B, L, G, N) -> M (B, H, L, L), with the scans' y = M @ x + D x (no initial state):
+
+        M[b, h, i, j] = (Cm_i . Bm_j) * exp(a_{j+1} + ... + a_i) * dt_j   for j <= i, 0 above,
+
+    a_t = dt_t A_h. This is ssd_scan_parallel's step 1 over the whole sequence instead of a chunk:
+    Mamba-2's duality (SSD) says the layer's SSM *is* this masked linear attention, with Cm as
+    the queries, Bm as the keys and x as the values. Like attention weights, row i says how much
+    of each token j's value reaches token i; unlike them, rows do not sum to 1 and entries can be
+    negative (Cm_i . Bm_j has either sign). Ali, Zimerman and Wolf draw it ("The Hidden Attention
+    of Mamba Models", arXiv 2403.01590); notebook 05 sums it scale by scale.
+    It costs L^2 per head, so it is for looking at a model, not for running it; and its segment
+    sums span the whole sequence (segsum's precision note): pass float64 for long sequences.
+    """
+    H, G = A.shape[0], Bm.shape[2]
+    decay = torch.exp(segsum(rearrange(dt * A, "b L h -> b h L")))          # (B, H, L, L)
+    CB = repeat(torch.einsum("bign,bjgn->bgij", Cm, Bm), "b g i j -> b (g r) i j", r=H // G)
+    return CB * decay * rearrange(dt, "b L h -> b h 1 L")                 # dt_j scales column j
+
+
 # =====================================================================================
 # 2. The Mamba-2 layer (Mamba-2 §7)
 # =====================================================================================
@@ -328,15 +351,27 @@ class Mamba2(nn.Module):
     def forward(self, u, state=None):
         """u (B, L, d_model), state (Mamba2State for batch B, or None = start of the sequence)
         -> y (B, L, d_model), the state after the last token (pass it to the next call)."""
+        z, (x, dt, A, Bm, Cm), conv_state = self.scan_inputs(u, state)
+        ssm = None if state is None else state.ssm
+        # one token (sampling a 1x1 scale): a single step of the recurrence is all it takes
+        y, ssm_state = (ssd_scan_sequential(x, dt, A, Bm, Cm, self.D, ssm) if u.shape[1] == 1 else
+                        ssd_scan_parallel(x, dt, A, Bm, Cm, self.D, ssm, self.chunk_size))
+        y = self.norm(rearrange(y, "... h p -> ... (h p)"), z)
+        return self.out_proj(y), Mamba2State(conv_state, ssm_state)
+
+    def scan_inputs(self, u, state=None):
+        """Everything before the scan: u (B, L, d_model), state or None -> the gate z (B, L, d_inner),
+        the scan's inputs (x (B, L, H, P), dt (B, L, H), A (H,), Bm and Cm (B, L, G, N)), and the
+        conv state to carry to the next call."""
         B, L, _ = u.shape
         H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
-        if state is None:   # the start of a sequence: no conv inputs before it, an all-zero SSM state
-            state = Mamba2State(u.new_zeros(B, self.conv_dim, self.d_conv - 1), None)
+        conv_in = u.new_zeros(B, self.conv_dim, self.d_conv - 1) if state is None else state.conv
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
 
-        # Causal conv: prepend the last d_conv - 1 inputs of the previous piece; the window
-        # then yields exactly L outputs, and its last d_conv - 1 inputs are the next conv state.
-        xBC = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
+        # Causal conv: prepend the last d_conv - 1 inputs of the previous piece (zeros at the start
+        # of a sequence); the window then yields exactly L outputs, and its last d_conv - 1 inputs
+        # are the next conv state.
+        xBC = torch.cat([conv_in.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
         conv_state = xBC[:, :, L:]                           # (B, conv_dim, d_conv - 1)
         xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)       # (B, L, conv_dim)
         x, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
@@ -346,12 +381,19 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.to(fdtype))                                     # (H,) < 0
         x = rearrange(x, "... (h p) -> ... h p", p=P)                            # (B, L, H, P)
         Bm, Cm = (rearrange(t, "... (g n) -> ... g n", n=N) for t in (Bm, Cm))   # (B, L, G, N)
-        # one token (sampling a 1x1 scale): a single step of the recurrence is all it takes
-        y, ssm_state = (ssd_scan_sequential(x, dt, A, Bm, Cm, self.D, state.ssm) if L == 1 else
-                        ssd_scan_parallel(x, dt, A, Bm, Cm, self.D, state.ssm, self.chunk_size))
+        return z, (x, dt, A, Bm, Cm), conv_state
 
-        y = self.norm(rearrange(y, "... h p -> ... (h p)"), z)
-        return self.out_proj(y), Mamba2State(conv_state, ssm_state)
+    def hidden_attention(self, u):
+        """u (B, L, d_model), a sequence from its start -> the SSM's matrix M (B, H, L, L)
+        (ssd_attention_matrix) and the values it mixes, x (B, L, H, P): the scan gives M @ x + D x.
+
+        What M leaves out of the layer: before the scan, the causal depthwise conv has already
+        mixed each token's x, Bm and Cm with the d_conv - 1 tokens before it, so "token j" in M is
+        a short window ending at j; after it, the gate silu(z_i) and the RMSNorm act on each
+        token's output alone (they rescale row i, nonlinearly, and mix no tokens); D x_i is a
+        skip from each token to itself. M also weighs x_j's *positions*, not their sizes."""
+        _, (x, dt, A, Bm, Cm), _ = self.scan_inputs(u)
+        return ssd_attention_matrix(dt, A, Bm, Cm), x
 
 
 # =====================================================================================

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvar import Mamba2, Mamba2State, MVARConfig, ssd_scan_parallel, ssd_scan_sequential
+from mvar import Mamba2, Mamba2State, MVARConfig, ssd_attention_matrix, ssd_scan_parallel, ssd_scan_sequential
 
 KEYS_FILE = Path(__file__).resolve().parent / "reference" / "mvar_d16_keys.txt"
 
@@ -379,3 +379,38 @@ def test_scan_benchmark_times_the_scans_own_matmuls(L, chunk):
     assert alone_count.get_total_flops() == scan_count.get_total_flops() > 0
     fwd_floor, _ = bench.floors(b, L, h, p, n, chunk, rate=1.0, bw=float("inf"))
     assert fwd_floor == scan_count.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba's hidden attention: the scan as one (L, L) matrix per head
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_attention_matrix_times_x_is_the_scan(g):
+    """M @ x + D x equals the chunked scan (no initial state) in float64, over 150 tokens: three
+    chunks of 50, so the matrix also reproduces what the scan passes from chunk to chunk."""
+    x, dt, A, Bm, Cm, D, _ = make_inputs(2, 150, 4, 3, g, 5, with_init=False)
+    M = ssd_attention_matrix(dt, A, Bm, Cm)                                 # (b, h, L, L)
+    y = torch.einsum("bhij,bjhp->bihp", M, x) + D[:, None] * x
+    y_scan, _ = ssd_scan_parallel(x, dt, A, Bm, Cm, D, chunk_size=64)
+    assert rel_err(y, y_scan) < 1e-12
+    assert torch.equal(M, M.tril()), "causal: token i receives nothing from a later token"
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_hidden_attention_of_a_layer_gives_its_output(ngroups):
+    """Mamba2.hidden_attention's matrix and values, put through the layer's gate, norm and
+    output projection as the test's own reference_mamba2 does, give the layer's output: the
+    matrix is built from the dt, A, Bm, Cm the layer computes. Over 150 tokens, chunk 8."""
+    m = small_mamba(ngroups)
+    u = torch.randn(2, 150, 16, dtype=torch.float64)
+    M, x = m.hidden_attention(u)
+    b, L, H, P = x.shape
+    y = torch.einsum("bhij,bjhp->bihp", M, x) + m.D[:, None] * x         # the SSM's output
+    z = (u @ m.in_proj.weight.T)[..., :m.d_inner]
+    G = m.ngroups
+    y = y.reshape(b, L, G, -1) * (z * torch.sigmoid(z)).reshape(b, L, G, -1)
+    y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out = (y.reshape(b, L, -1) * m.norm.weight) @ m.out_proj.weight.T
+    assert rel_err(out, m(u)[0]) < 1e-10
+    assert rel_err(out, reference_mamba2(m, u)) < 1e-10
