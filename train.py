@@ -340,7 +340,9 @@ def import_var_tokenizer(cfg: TrainConfig, proc: DistInfo, path: Path) -> MultiS
     VAR trained it on OpenImages with perceptual and GAN losses; it is used frozen, as in VAR."""
     if path.exists():                                  # imported by an earlier invocation
         return load_trained_tokenizer(path, proc.device)[0]
-    model = load_var_checkpoint(cfg.vae_ckpt).to(proc.device)
+    # Its architecture is read from the file's shapes: VAR's release gives exactly tokenizer.py's
+    # "var256" (tests/test_golden.py), and a smaller file in VAR's format works the same way.
+    model = load_var_checkpoint(cfg.vae_ckpt, patch_nums=tokenizer_config("var256").patch_nums).to(proc.device)
     if proc.is_main:
         print(f"stage 1: imported VAR's tokenizer from {cfg.vae_ckpt}")
         report_tokenizer_eval(eval_tokenizer(model, load_dataset(cfg, "test"), cfg.tok_batch,
@@ -491,21 +493,24 @@ def train_generator(cfg: TrainConfig, proc: DistInfo, tokenizer: MultiScaleVQVAE
 
 @torch.no_grad()
 def eval_generator(model, tokenizer, ds: TokenDataset, batch: int, limit: int, device, amp_dtype) -> dict:
-    """Teacher-forced validation: mean loss and per-scale top-1 token accuracy (eval mode: no
-    class dropout, so this scores the conditional model). The loss is the mean negative
-    log-likelihood per token; fine scales hold most tokens, so they weigh most in it."""
+    """Teacher-forced validation: mean loss, and per scale the loss and the top-1 token accuracy
+    (eval mode: no class dropout, so this scores the conditional model). The loss is the mean
+    negative log-likelihood per token; fine scales hold most tokens, so they weigh most in it."""
     model.eval()
     pns, n = tokenizer.cfg.patch_nums, min(limit or len(ds), len(ds))
-    tot_loss, tot_acc = 0.0, torch.zeros(len(pns))
+    tot_loss, tot_acc, tot_scale_loss = 0.0, torch.zeros(len(pns)), torch.zeros(len(pns))
     for s in range(0, n, batch):
         idx_list = split_scales(ds.idx[s:min(n, s + batch)].long().to(device), pns)
         labels = ds.labels[s:min(n, s + batch)].to(device)
         with autocast(device, amp_dtype):
             logits = model(labels, tokenizer.idx_to_teacher_input(idx_list))
         loss, acc = compute_loss(logits, idx_list)
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), torch.cat(idx_list, 1), reduction="none")
         tot_loss += loss.item() * len(labels)
         tot_acc += acc.float().cpu() * len(labels)
+        tot_scale_loss += torch.stack([t.mean() for t in split_scales(per_token, pns)]).cpu() * len(labels)
     return {"tokens_images": n, "val_loss": tot_loss / n,
+            "per_scale_loss": [round(float(v), 4) for v in tot_scale_loss / n],
             "per_scale_acc": [round(float(a), 4) for a in tot_acc / n], "patch_nums": list(pns)}
 
 

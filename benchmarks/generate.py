@@ -22,6 +22,10 @@ far more than 1).
 
     python benchmarks/generate.py                 # depth 4, width 256, batch 4: ~2 minutes
     python benchmarks/generate.py --depth 6 --width 384 --repeats 5
+    python benchmarks/generate.py --device cuda --depth 16 --width 1024 --batch 16   # on a GPU
+
+On CUDA the clock waits for the GPU (torch.cuda.synchronize) before it is read, and "peak MB" is
+the GPU memory the sampling run allocated on top of the model (torch.cuda.max_memory_allocated).
 """
 import argparse
 import json
@@ -66,25 +70,36 @@ def run_one(args) -> dict:
     # A thin tokenizer with the real quantizer (V=4096, Cvae=32, the right latent size): the
     # sampler only uses its codebook and phi convs, so the conv autoencoder width is irrelevant.
     image_size = 16 * patch_nums[-1]
+    device = torch.device(args.device)
     tok = MultiScaleVQVAE(tokenizer_config("var256", ch=32, image_size=image_size,
-                                           patch_nums=patch_nums)).eval()
+                                           patch_nums=patch_nums)).eval().to(device)
     cfg = MVARConfig(arch=arch, depth=args.depth, width=args.width, num_heads=args.width // 64,
                      patch_nums=patch_nums)
-    model = MVAR(cfg).eval()
-    labels = torch.arange(args.batch) % cfg.num_classes
+    model = MVAR(cfg).eval().to(device)
+    labels = torch.arange(args.batch, device=device) % cfg.num_classes
     sampler = rerun_sampler.sample_tokens if mode == "rerun" else MVAR.sample_tokens
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def sample(labels):
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
+        sync()
         t0 = time.perf_counter()
         sampler(model, tok, labels, guidance=1.5, top_k=900, top_p=0.96, generator=g)
+        sync()
         return time.perf_counter() - t0
 
     sample(labels[:1])            # warm-up on one image (kernels, thread pools), small footprint
-    Path("/proc/self/clear_refs").write_text("5")                 # peak RSS := current RSS
-    rss0 = proc_status_bytes("VmRSS")
-    sample(labels)
-    peak = proc_status_bytes("VmHWM") - rss0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        sample(labels)
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        Path("/proc/self/clear_refs").write_text("5")             # peak RSS := current RSS
+        rss0 = proc_status_bytes("VmRSS")
+        sample(labels)
+        peak = proc_status_bytes("VmHWM") - rss0
     times = [sample(labels) for _ in range(args.repeats)]
     return {"params": sum(p.numel() for p in model.parameters()),
             "pairs": attention_pairs(patch_nums, arch), "seconds": statistics.median(times),
@@ -100,6 +115,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--pyramids", default="256px,512px")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--pyramid", help=argparse.SUPPRESS)      # child-process arguments
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -109,7 +125,7 @@ def main():
         print(json.dumps(run_one(args)))
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, depth {args.depth}, "
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, depth {args.depth}, "
           f"width {args.width}, batch {args.batch} (x2 rows for CFG), median of {args.repeats}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}")
     header = f"{'pyramid':8} {'method':24} {'params':>8} {'attn pairs':>11} {'time s':>7} " \
@@ -121,7 +137,7 @@ def main():
             cmd = [sys.executable, __file__, "--pyramid", pyramid, "--method", method,
                    "--depth", str(args.depth), "--width", str(args.width),
                    "--batch", str(args.batch), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--device", args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows[method] = json.loads(out.strip().splitlines()[-1])
         base = rows["a: M-VAR carry state"]["seconds"]
