@@ -321,7 +321,7 @@ def train_tokenizer(cfg: TrainConfig, proc: DistInfo, deadline: float = math.inf
         optimizer_step(opt, model, scaler, cfg.grad_clip)
         step += 1
         stage.record(step, loss.item(), psnr=psnr(img, recon.detach()).mean(), used=stats["used"])
-        if step % cfg.image_every == 0 and proc.is_main:
+        if step % cfg.image_every == 0 and step < total and proc.is_main:
             save_recon_grid(model, preview, run / "tokenizer_recon.png")
         if stage.checkpoint_or_stop(step):
             return None
