@@ -477,11 +477,6 @@ class TokenDataset(torch.utils.data.Dataset):
         return (self.flip if use_flip else self.idx)[i].long(), int(self.labels[i])
 
 
-def split_scales(idx_BL: torch.Tensor, patch_nums) -> list:
-    """(B, L) flat tokens -> K tensors (B, pn_k^2), coarse to fine."""
-    return list(idx_BL.split([p * p for p in patch_nums], dim=1))
-
-
 def cached_tokens(path, identity: dict, encode_split) -> dict:
     """RUN/tokens.pt: {"kind": "tokens", "identity", "num_classes", "class_names",
     "train": {"idx", "idx_flip", "labels"}, "test": {...}}, loaded with mmap (a big cache is

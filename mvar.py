@@ -3,10 +3,13 @@ M-VAR model (and the VAR baseline it is measured against), sampling and the loss
 
 M-VAR (arXiv 2411.10433) generates an image coarse to fine, one scale of VQ tokens at a time, like
 VAR (arXiv 2404.02905). Each block splits VAR's attention in two: attention *inside* a scale, and a
-Mamba-2 layer (arXiv 2405.21060) that runs causally over the whole flattened sequence of scales and
-carries information from coarse to fine scales at linear cost. Sections, top to bottom: 1 the scan
-(a loop, then chunked), 2 the Mamba-2 layer, 3 config, 4 attention, 5 the AdaLN block, 6 the model
-(forward pass, sampler), 7 sampling rules and the loss, 8 the checks of what a user passes in.
+Mamba-2 layer (arXiv 2405.21060) that runs causally over the whole flattened sequence of scales,
+at linear cost. The paper calls the second inter-scale modeling: Mamba is the block's only path
+from the coarser scales to a finer one (each scale also gets the coarser ones through its input).
+What the trained model carries along that path is measured, not assumed: section 5's comment.
+Sections, top to bottom: 1 the scan (a loop, then chunked, then as one matrix), 2 the Mamba-2
+layer, 3 config, 4 attention, 5 the AdaLN block (M-VAR's, then VAR's), 6 the model (forward pass,
+sampler), 7 sampling rules and the loss, 8 the checks of what a user passes in.
 FFN and AdaLNBeforeHead keep VAR's names.
 
 Words. A *scale* is one level of the token pyramid, and nothing else. AdaLN computes
@@ -14,7 +17,8 @@ LN(x) * (1 + gain) + shift and multiplies a branch's output by a *gate*; attenti
 q . k by a *temperature*; classifier-free guidance has a strength, *guidance*.
 
 Shape letters, the sizes in docstrings and shape comments: one meaning each in the whole project
-(written lower case in einsum / einops strings, except L, which stays L there so as not to read as l):
+(written lower case in einsum / einops strings, except L, which stays L there so as not to read as l;
+so h in those strings is H, the heads):
   B    batch                                 C     model width (d_model)
   K    number of scales                      V     codebook size (vocab_size)
   pn   side of one scale's token map         Cvae  tokenizer latent channels
@@ -26,10 +30,13 @@ Shape letters, the sizes in docstrings and shape comments: one meaning each in t
   N    SSM state size (d_state)              G     groups of SSM heads that share Bm and Cm
   r    SSM heads per group, H / G            Q     chunk length of the parallel scan
   c    number of chunks
-Indices: k a scale, i and j token positions (i receives, j sends), m a chunk, t a step of the
-loop. The SSM's matrices, A B C D in the Mamba-2 paper, are A, Bm, Cm, D here (so that B and C
-stay sizes). A name's suffix gives its shape, as in the official code: pos_1LC is (1, L, C),
-cond_BC is (B, C). Cimg, S (image channels and side) and h, w (latent size) are tokenizer.py's.
+Indices: k a scale, i and j token positions (i receives, j sends), h a head (A_h, D_h), m a chunk,
+t a step of the loop. Two names keep a second meaning, as everywhere in the literature: attention's
+q, k, v (queries, keys, values: tensors, so k is never an index there), and tokenizer.py's h, w,
+the latent's height and width (its chapter's letters; never in this file). The SSM's matrices,
+A B C D in the Mamba-2 paper, are A, Bm, Cm, D here, also inside names (CmBm, Bm_c), so that B
+and C stay sizes. A name's suffix gives its shape, as in the official code: pos_1LC is (1, L, C),
+cond_BC is (B, C). Cimg and S (image channels and side) are tokenizer.py's.
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
@@ -41,13 +48,14 @@ Map 1, the papers to this file:
   M-VAR method, intra-scale modeling: bidirectional attention      ScaleAttention.forward (the
     restricted to one scale                                        rule), attention_pairs
   M-VAR method, inter-scale modeling: Mamba over all scales        Block (second residual line)
-  M-VAR method, the block: three AdaLN-modulated, gated residual   Block.forward
-    lines (attention, Mamba, FFN); VAR's block has no Mamba line
+  M-VAR method, the block: three AdaLN-modulated, gated residual   Block.forward, adaln_modulation
+    lines (attention, Mamba, FFN)
+  VAR, the baseline's block: block-causal attention, no Mamba      VARBlock
   VAR / M-VAR, next-scale prediction with teacher forcing          MVAR.forward, compute_loss
   VAR / M-VAR sampling: scale by scale, CFG ramp, top-k / top-p    MVAR.sample_tokens,
                                                                    Block.forward_one_scale
 Map 2, the official code's names to this file's:
-  AdaLNSelfAttn (VAR, M-VAR)                        Block
+  AdaLNSelfAttn (M-VAR; VAR's of the same name)     Block (VARBlock)
   SelfAttention                                     ScaleAttention
   Mamba2, RMSNormGated (mamba_ssm)                  Mamba2, GatedRMSNorm
   mamba_chunk_scan_combined (mamba_ssm kernel)      ssd_scan_parallel
@@ -63,12 +71,15 @@ Map 2, the official code's names to this file's:
   init_weights                                      MVAR._init_weights
   sample_with_top_k_top_p_, gumbel_softmax_with_rng top_k_top_p_filter, sample_top_k_top_p,
                                                     gumbel_softmax
-  DropPath                                          Block.adaln's gate
+  DropPath                                          adaln_modulation's gate
   AdaLN's gamma1, scale1, shift1 (and 2, 3)         gate, gain, shift of branch 1 (2, 3)
   cfg (the sampler's argument)                      guidance
-State-dict keys are the official ones, so released checkpoints load as they are: among them
-`scale_mul_1H11` (the log of the attention temperature), `ada_lin` (the AdaLN rows: gates, gains,
-shifts), `mat_qkv`, `q_bias`, `v_bias`, `pos_1LC`, `lvl_embed`, `head_nm`; `lvl_1L` is not saved.
+State-dict keys are the official ones: among them `scale_mul_1H11` (the log of the attention
+temperature), `ada_lin` (the AdaLN rows: gates, gains, shifts), `mat_qkv`, `q_bias`, `v_bias`,
+`pos_1LC`, `lvl_embed`, `head_nm`. The released files also carry buffers this model computes
+instead (`lvl_1L`, `attn_bias_for_masking`, ...), so they load through
+runtime.load_official_checkpoint, which drops those and loads the rest strictly (tested on the
+official code's own tiny models, tests/test_golden.py; the released files were never loaded here).
 The tokenizer side of the official code (idxBl_to_var_input, get_next_autoregressive_input,
 f_to_idxBl_or_fhat) lives in tokenizer.py. Left out: mamba_ssm's fused GPU kernels (everything
 here is plain torch, so it runs on any device) and VAR's flash-attention / fused-norm options.
@@ -97,10 +108,11 @@ from einops import rearrange, repeat
 # number per head in Mamba-2 (a diagonal matrix in Mamba-1), which is what lets §6 rewrite the
 # whole recurrence as matmuls.
 # `ssd_scan_sequential` is this recurrence written as a loop: the reference, and the one-step
-# update used while sampling. `ssd_scan_parallel` computes exactly the same thing with a few
-# large matmuls (the "SSD" chunked algorithm of Mamba-2 §6), which is what makes training fast
-# on any device: it uses only cumsum / exp / masks / batched matmuls and a short loop over chunks,
-# no custom kernel. Both check their inputs' shapes first (section 8, at the end of the file).
+# update Mamba2 uses for a one-token piece (sampling the 1x1 scale; every other scale, sampled or
+# teacher-forced, goes through the chunked scan). `ssd_scan_parallel` computes exactly the same
+# thing with a few large matmuls (the "SSD" chunked algorithm of Mamba-2 §6), which is what makes
+# training fast on any device: it uses only cumsum / exp / masks / batched matmuls and a short loop
+# over chunks, no custom kernel. Both check their inputs' shapes first (section 8, at the end of the file).
 # tests/test_scan.py holds the parallel scan to the loop in float64 (outputs, final states and
 # gradients), and notebook 01 builds it up step by step, with its decay matrix as a picture.
 
@@ -120,7 +132,8 @@ def ssd_scan_sequential(x, dt, A, Bm, Cm, D=None, initial_state=None):
     B, L, H, P, G, N = _check_scan_inputs(x, dt, A, Bm, Cm, D, initial_state)
     sdtype = _state_dtype(x.dtype)
     # Head h reads group h // (H / G): repeat each group's Bm and Cm for its H / G heads.
-    Bm, Cm = (repeat(t, "... g n -> ... (g r) n", r=H // G).to(sdtype) for t in (Bm, Cm))  # (B, L, H, N)
+    Bm, Cm = (repeat(tensor, "... g n -> ... (g r) n", r=H // G).to(sdtype)
+              for tensor in (Bm, Cm))                                   # (B, L, H, N)
     xs, dts = x.to(sdtype), dt.to(sdtype)
     decay = torch.exp(dts * A.to(sdtype))                       # (B, L, H), in (0, 1]
     state = x.new_zeros(B, H, P, N, dtype=sdtype) if initial_state is None else initial_state.to(sdtype)
@@ -200,51 +213,52 @@ def ssd_scan_parallel(x, dt, A, Bm, Cm, D=None, initial_state=None, chunk_size=6
     #    everything out as (batch, group, head in group, chunk, position, channel), so that every
     #    product below is a plain batched matmul over the leading dims.
     pad = c * Q - L
-    xs, dts, Bs, Cs = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, Bm, Cm))  # length dim
+    xs, dts, Bm_c, Cm_c = (F.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, pad))
+                          for tensor in (x, dt, Bm, Cm))  # length dim
     a = rearrange(dts.to(sdtype) * A.to(sdtype), "b (c q) (g r) -> b g r c q", q=Q, g=G)
     xdt = rearrange(xs * dts[..., None].to(cdtype),                  # dt_j x_j: step j's input
                     "b (c q) (g r) p -> b g r c q p", q=Q, g=G).contiguous()
-    Bs, Cs = (rearrange(t.to(cdtype), "b (c q) g n -> b g 1 c q n", q=Q).contiguous()
-              for t in (Bs, Cs))                                        # (B, G, 1, c, Q, N)
+    Bm_c, Cm_c = (rearrange(tensor.to(cdtype), "b (c q) g n -> b g 1 c q n", q=Q).contiguous()
+                  for tensor in (Bm_c, Cm_c))                    # (B, G, 1, c, Q, N); _c: chunked
 
     # 1. Inside each chunk: y_i = sum_{j <= i} exp(a_{j+1} + ... + a_i) (Cm_i . Bm_j) dt_j x_j.
-    #    decay[..., i, j] is the decay from step j to step i (0 for j > i: causal); CB[..., i, j]
+    #    decay[..., i, j] is the decay from step j to step i (0 for j > i: causal); CmBm[..., i, j]
     #    is Cm_i . Bm_j, computed once per group and shared by its heads. Their product is each
     #    head's (Q, Q) mixing matrix for the chunk, applied to dt x by one batched matmul.
     decay = torch.exp(segsum(a))                                        # (B, G, r, c, Q, Q)
-    CB = Cs @ Bs.transpose(-1, -2)                                      # (B, G, 1, c, Q, Q)
-    y = (CB * decay.to(cdtype)) @ xdt                                   # (B, G, r, c, Q, P)
+    CmBm = Cm_c @ Bm_c.transpose(-1, -2)                                # (B, G, 1, c, Q, Q)
+    y = (CmBm * decay.to(cdtype)) @ xdt                                 # (B, G, r, c, Q, P)
 
     # 2. The state each chunk leaves behind from its own tokens (as if it started at zero):
     #    s = sum_j exp(a_{j+1} + ... + a_{Q-1}) dt_j x_j Bm_j^T. The decay from step j to the
     #    chunk's last step is the last row of the decay matrix; it scales Bm_j.
-    B_to_end = Bs * decay[..., -1, :, None].to(cdtype)                  # (B, G, r, c, Q, N)
-    states = xdt.transpose(-1, -2) @ B_to_end                           # (B, G, r, c, P, N)
+    Bm_to_end = Bm_c * decay[..., -1, :, None].to(cdtype)               # (B, G, r, c, Q, N)
+    states = xdt.transpose(-1, -2) @ Bm_to_end                          # (B, G, r, c, P, N)
 
-    # 3. Pass the states from chunk to chunk: h_m = exp(sum of a over chunk m) h_{m-1} + s_m,
-    #    the same recurrence again, over c chunk states instead of L tokens: a loop of c steps
-    #    (11 for the 256px pyramid). h_in[m] is the state entering chunk m; the last h is the
-    #    final state. (notebooks/01_parallel_scan.ipynb does this loop in log depth, and times
-    #    both: for so few chunks the loop is faster on a CPU.)
-    h = (torch.zeros(B, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
-         else rearrange(initial_state.to(sdtype), "b (g r) p n -> b g r p n", g=G))
+    # 3. Pass the states from chunk to chunk: state_m = exp(sum of a over chunk m) state_{m-1}
+    #    + states[m], the same recurrence again, over c chunk states instead of L tokens: a loop
+    #    of c steps (11 for the 256px pyramid). state_in[m] is the state entering chunk m; the
+    #    last `state` is the final one. (notebooks/01_parallel_scan.ipynb does this loop in log
+    #    depth, and times both: for so few chunks the loop is faster on a CPU.)
+    state = (torch.zeros(B, G, H // G, P, N, dtype=sdtype, device=x.device) if initial_state is None
+             else rearrange(initial_state.to(sdtype), "b (g r) p n -> b g r p n", g=G))
     chunk_decay = torch.exp(a.sum(dim=-1))[..., None, None]             # (B, G, r, c, 1, 1)
-    h_in = []
-    for s_m, decay_m in zip(states.to(sdtype).unbind(3), chunk_decay.unbind(3)):
-        h_in.append(h)
-        h = decay_m * h + s_m
-    h_in = torch.stack(h_in, dim=3)                                     # (B, G, r, c, P, N)
+    state_in = []
+    for own_m, decay_m in zip(states.to(sdtype).unbind(3), chunk_decay.unbind(3)):
+        state_in.append(state)
+        state = decay_m * state + own_m
+    state_in = torch.stack(state_in, dim=3)                             # (B, G, r, c, P, N)
 
-    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) h_in @ Cm_i
+    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) state_in @ Cm_i
     #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate; it scales Cm_i).
-    C_from_start = Cs * torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)   # (B, G, r, c, Q, N)
-    y = y + C_from_start @ h_in.to(cdtype).transpose(-1, -2)               # (B, G, r, c, Q, P)
+    Cm_from_start = Cm_c * torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)   # (B, G, r, c, Q, N)
+    y = y + Cm_from_start @ state_in.to(cdtype).transpose(-1, -2)             # (B, G, r, c, Q, P)
 
     # Back to (B, L, H, P), dropping the padding, plus the skip connection D x.
     y = rearrange(y, "b g r c q p -> b (c q) (g r) p")[:, :L]
     if D is not None:
         y = y + D.to(cdtype)[:, None] * x
-    return y.to(x.dtype), rearrange(h, "b g r p n -> b (g r) p n")
+    return y.to(x.dtype), rearrange(state, "b g r p n -> b (g r) p n")
 
 
 def ssd_attention_matrix(dt, A, Bm, Cm):
@@ -264,8 +278,8 @@ def ssd_attention_matrix(dt, A, Bm, Cm):
     """
     H, G = A.shape[0], Bm.shape[2]
     decay = torch.exp(segsum(rearrange(dt * A, "b L h -> b h L")))          # (B, H, L, L)
-    CB = repeat(torch.einsum("bign,bjgn->bgij", Cm, Bm), "b g i j -> b (g r) i j", r=H // G)
-    return CB * decay * rearrange(dt, "b L h -> b h 1 L")                 # dt_j scales column j
+    CmBm = repeat(torch.einsum("bign,bjgn->bgij", Cm, Bm), "b g i j -> b (g r) i j", r=H // G)
+    return CmBm * decay * rearrange(dt, "b L h -> b h 1 L")               # dt_j scales column j
 
 
 # =====================================================================================
@@ -380,7 +394,7 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt.to(fdtype) + self.dt_bias.to(fdtype))                 # (B, L, H) > 0
         A = -torch.exp(self.A_log.to(fdtype))                                     # (H,) < 0
         x = rearrange(x, "... (h p) -> ... h p", p=P)                            # (B, L, H, P)
-        Bm, Cm = (rearrange(t, "... (g n) -> ... g n", n=N) for t in (Bm, Cm))   # (B, L, G, N)
+        Bm, Cm = (rearrange(tensor, "... (g n) -> ... g n", n=N) for tensor in (Bm, Cm))   # (B, L, G, N)
         return z, (x, dt, A, Bm, Cm), conv_state
 
     def hidden_attention(self, u):
@@ -401,8 +415,8 @@ class Mamba2(nn.Module):
 # =====================================================================================
 # One dataclass holds every choice that changes the network. The defaults are M-VAR-d16's sizes on
 # ImageNet 256, the smallest model the M-VAR paper reports (the official code also trains a d12);
-# the released d16 and d20 checkpoints were trained with attn_l2_norm=False (runtime reads it
-# from the file), our default keeps VAR's cosine attention.
+# the released d16 and d20 checkpoints were trained with attn_l2_norm=False (the official README
+# says so; runtime reads it from the file's keys), our default keeps VAR's cosine attention.
 # `depth` drives the rest (width = 64*depth, heads = depth), VAR's size rule, which M-VAR keeps,
 # so "d16" or "d20" names a whole model.
 
@@ -446,7 +460,8 @@ class MVARConfig:
 
     def to_dict(self) -> dict:
         """Plain types (patch_nums as a list), as checkpoints and JSON files store it."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MVARConfig":
@@ -467,18 +482,20 @@ def scale_spans(patch_nums) -> list:
 # =====================================================================================
 # VAR's attention is block-causal: a token sees its own scale and all coarser ones.
 # M-VAR's attention is *intra-scale*: token i of scale k attends to exactly the l_k = pn_k^2
-# tokens of scale k, in both directions, and the coarse-to-fine flow is left to Mamba (M-VAR,
-# method section, intra-scale modeling). The paper motivates it with an observation on VAR's
-# ImageNet 256 models (d16 and up): most of a token's attention falls inside its own scale. This
-# project sees it only moderately at its own small scale: the shipped Fashion-MNIST VAR puts 0.75
-# of its attention on its own scale, against 0.60 if it attended uniformly to the keys it may see
-# (0.58 untrained; notebooks/04_attention_inside_a_scale.ipynb).
+# tokens of scale k, in both directions (M-VAR, method section, intra-scale modeling). What scale k
+# needs from the coarser scales then reaches it two ways: through its input (the teacher input,
+# tokenizer.py: the picture drawn so far) and through the block's Mamba line (section 5). The
+# paper motivates the split with an observation on VAR's ImageNet 256 models (d16 and up): most of
+# a token's attention falls inside its own scale. Notebook 04 measures it on the shipped
+# Fashion-MNIST VAR: more than uniform attention would put there, moderately (benchmarks/RESULTS.md,
+# "Does attention stay inside a scale?").
 #
 # The mask would be block-diagonal; instead of building an L x L mask and wasting (sum l_k)^2 work
 # we run one small attention per scale, which costs sum l_k^2 query-key pairs per layer (for the
 # 256px pyramid 110,468 pairs, vs 286,434 for VAR's block-causal attention: 2.6x fewer; see
-# `attention_pairs`). The same per-scale loop expresses VAR's rule: the queries of scale k attend
-# to the keys [0, end_k). While sampling VAR, the keys of earlier scales come from a KV cache.
+# `attention_pairs`). The same per-scale loop expresses VAR's rule, for the baseline (VARBlock):
+# the queries of scale k attend to the keys [0, end_k); while sampling VAR, the keys of the earlier
+# scales come from a KV cache (`ScaleAttention.attend`).
 
 
 def attention_pairs(patch_nums, arch: str) -> int:
@@ -512,10 +529,14 @@ class ScaleAttention(nn.Module):
         # when the learned one is already folded into q (l2_norm)
         self.fixed_temperature = 1.0 if l2_norm else 0.25 / math.sqrt(C // num_heads)
 
-    def forward(self, x, spans, kv_cache=None):
-        """x (B, l, C) holds the scales listed in `spans` ([(start, end)] into x) -> (B, l, C), and
-        the keys and values (k, v) seen so far, each (B, H, tokens, d): VAR's sampler passes them
-        back as `kv_cache` with the next scale, which attends to them as to its coarser scales."""
+    def forward(self, x, spans):
+        """x (B, L, C) holds the scales listed in `spans` ([(start, end)] into x) -> (B, L, C)."""
+        return self.attend(x, spans)[0]
+
+    def attend(self, x, spans, kv_cache=None):
+        """`forward`, with VAR's KV cache: kv_cache, the keys and values (k, v) of the coarser scales
+        (each (B, H, tokens, d)) or None, is put in front of x's own; returns the output and the
+        (k, v) seen so far, which VAR's sampler passes back with the next scale."""
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = rearrange(F.linear(x, self.mat_qkv.weight, bias),
                             "b L (three h d) -> three b h L d", three=3, h=self.num_heads)
@@ -524,17 +545,17 @@ class ScaleAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if kv_cache is not None:     # sampling VAR: the coarser scales' keys and values come first
             k, v = torch.cat([kv_cache[0], k], dim=2), torch.cat([kv_cache[1], v], dim=2)
-        past = k.shape[2] - x.shape[1]       # number of cached keys in front of x's own (else 0)
+        cached = k.shape[2] - x.shape[1]     # number of cached keys in front of x's own (else 0)
         outs = []
         for start, end in spans:                        # one scale: x's rows start:end
-            q_scale = q[:, :, start:end]
-            start, end = past + start, past + end       # the same scale, counted among the keys
+            # the same scale's keys, counted among all the keys (the cached ones come first)
+            key_start, key_end = cached + start, cached + end
             # ---- The paper's rule: which keys the queries of one scale see. ----
-            # M-VAR (intra-scale): the keys of its own scale, start:end, in both directions.
-            # VAR (block-causal): its own scale's and every coarser scale's, 0:end.
-            first = 0 if self.block_causal else start
-            outs.append(F.scaled_dot_product_attention(q_scale, k[:, :, first:end], v[:, :, first:end],
-                                                       scale=self.fixed_temperature))
+            # M-VAR (intra-scale): the keys of its own scale, in both directions.
+            # VAR (block-causal): its own scale's and every coarser scale's, from key 0.
+            first = 0 if self.block_causal else key_start
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, first:key_end],
+                                                       v[:, :, first:key_end], scale=self.fixed_temperature))
         return self.proj(rearrange(torch.cat(outs, dim=2), "b h L d -> b L (h d)")), (k, v)
 
 
@@ -555,69 +576,108 @@ class FFN(nn.Module):
 # =====================================================================================
 # The M-VAR block (method section), every branch modulated by the class through AdaLN, as in VAR:
 #   x += gate_1 * Attn (LN(x) * (1 + gain_1) + shift_1)     intra-scale, bidirectional
-#   x += gate_2 * Mamba(LN(x) * (1 + gain_2) + shift_2)     inter-scale, causal over the sequence
+#   x += gate_2 * Mamba(LN(x) * (1 + gain_2) + shift_2)     causal over the whole sequence
 #   x += gate_3 * FFN  (LN(x) * (1 + gain_3) + shift_3)
 # The 9 modulation vectors come from the class embedding through `ada_lin` (SiLU + Linear),
 # ordered gates, gains, shifts as in the official checkpoints (there: gamma, scale, shift). LN
 # has no affine parameters: AdaLN supplies them, so the class steers every branch of every block
-# (DiT's adaLN, which VAR takes over). The VAR block is the same without the Mamba line.
+# (DiT's adaLN, which VAR takes over).
+# The Mamba line is the only part of the block that mixes tokens of different scales, so the paper
+# calls it inter-scale modeling. It is not only that: Mamba runs over every token, so it also mixes
+# tokens *inside* a scale (causally, in raster order), next to the attention. What the trained
+# model does with it is measured in notebook 05 and benchmarks/decoupling.py (benchmarks/
+# RESULTS.md, "What crosses the scales, retrained").
+# The VAR baseline's block (VARBlock, below) is this one without the Mamba line and with
+# block-causal attention: the whole difference between the two models is in these two classes.
+
+
+def adaln_modulation(ada_lin, cond_BC, drop_path_rate: float, training: bool):
+    """AdaLN for a block of n branches: ada_lin(cond_BC) (B, 3nC) -> the n gates, n gains and n
+    shifts (each (B, 1, n, C)), and two functions of branch i, for x, y (B, L, C):
+      norm(x, i) = LN(x) (1 + gain_i) + shift_i     the branch's input;
+      gate(y, i) = gate_i y                         its output, before the residual add. In
+        training it also drops the branch for some samples (drop-path, or stochastic depth: 0
+        with probability drop_path_rate, else divided by 1 - drop_path_rate, which keeps the mean).
+    """
+    B, C = cond_BC.shape
+    gates, gains, shifts = ada_lin(cond_BC).view(B, 1, 3, -1, C).unbind(2)
+    norm = lambda x, i: F.layer_norm(x, (C,), eps=1e-6) * (1 + gains[:, :, i]) + shifts[:, :, i]
+
+    def gate(y, i):
+        y = y * gates[:, :, i]
+        if training and drop_path_rate > 0:
+            keep = y.new_empty(B, 1, 1).bernoulli_(1 - drop_path_rate)
+            y = y * keep / (1 - drop_path_rate)
+        return y
+    return norm, gate
 
 
 class Block(nn.Module):
-    """One M-VAR block (the official AdaLNSelfAttn): attention inside each scale, Mamba-2 across
-    all scales, and an FFN, each conditioned on the class through AdaLN. With arch="var" it is
-    VAR's block: block-causal attention over all coarser scales, and no Mamba line."""
+    """One M-VAR block (the official AdaLNSelfAttn): attention inside each scale, Mamba-2 over the
+    whole sequence, and an FFN, each conditioned on the class through AdaLN."""
+    ATTN, MAMBA, FFN = 0, 1, 2            # the branches, in ada_lin's order
 
     def __init__(self, cfg: MVARConfig, drop_path_rate: float):
         super().__init__()
-        C, self.is_mvar, self.drop_path_rate = cfg.width, cfg.arch == "mvar", drop_path_rate
-        self.num_branches = 3 if self.is_mvar else 2
-        self.attn = ScaleAttention(C, cfg.num_heads, cfg.attn_l2_norm, block_causal=not self.is_mvar)
-        if self.is_mvar:
-            self.mamba = Mamba2(C, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
-                                headdim=cfg.headdim, chunk_size=cfg.scan_chunk)
+        C, self.drop_path_rate = cfg.width, drop_path_rate
+        self.attn = ScaleAttention(C, cfg.num_heads, cfg.attn_l2_norm, block_causal=False)
+        self.mamba = Mamba2(C, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                            headdim=cfg.headdim, chunk_size=cfg.scan_chunk)
         self.ffn = FFN(C, cfg.mlp_ratio)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 3 * self.num_branches * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 9 * C))       # 3 branches x 3 vectors
 
     def adaln(self, cond_BC):
-        """cond_BC (B, C) -> the two AdaLN halves of branch i (0 attention, 1 Mamba, -1 FFN: the
-        last branch, 2 in M-VAR and 1 in VAR, whose block has no Mamba line):
-        norm(x, i) = LN(x) (1 + gain_i) + shift_i, the branch's input, and gate(y, i) = gate_i y,
-        its output multiplied by the gate (and in training dropped for some samples: drop-path,
-        or stochastic depth)."""
-        B, C = cond_BC.shape
-        gates, gains, shifts = self.ada_lin(cond_BC).view(B, 1, 3, self.num_branches, C).unbind(2)
-        norm = lambda x, i: F.layer_norm(x, (C,), eps=1e-6) * (1 + gains[:, :, i]) + shifts[:, :, i]
-
-        def gate(y, i):
-            y = y * gates[:, :, i]
-            if self.training and self.drop_path_rate > 0:
-                keep = y.new_empty(B, 1, 1).bernoulli_(1 - self.drop_path_rate)
-                y = y * keep / (1 - self.drop_path_rate)
-            return y
-        return norm, gate
+        """cond_BC (B, C) -> norm(x, i), gate(y, i) of branch i (adaln_modulation)."""
+        return adaln_modulation(self.ada_lin, cond_BC, self.drop_path_rate, self.training)
 
     def forward(self, x, cond_BC, spans):
         """Teacher-forced pass (training, evaluation), the three lines above: x (B, L, C) holds
         every scale listed in `spans`, cond_BC (B, C) is the class embedding -> (B, L, C)."""
         norm, gate = self.adaln(cond_BC)
-        x = x + gate(self.attn(norm(x, 0), spans)[0], 0)       # attention inside each scale
-        if self.is_mvar:
-            x = x + gate(self.mamba(norm(x, 1))[0], 1)         # Mamba across all scales
-        return x + gate(self.ffn(norm(x, -1)), -1)             # FFN
+        x = x + gate(self.attn(norm(x, self.ATTN), spans), self.ATTN)    # inside each scale
+        x = x + gate(self.mamba(norm(x, self.MAMBA))[0], self.MAMBA)     # over the whole sequence
+        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN)
 
-    def forward_one_scale(self, x, cond_BC, carried=None):
-        """Sampling: the same three lines on one new scale x (B, l, C), given what the earlier
-        scales left behind (None before the first scale): M-VAR carries the Mamba2State, of fixed
-        size however many scales came before; VAR carries the attention's KV cache, which grows.
-        -> (x, what to carry to the next scale). Its rows equal `forward`'s for this scale."""
+    def forward_one_scale(self, x, cond_BC, state=None):
+        """Sampling: the same three lines on one new scale x (B, l, C), given the Mamba2State the
+        earlier scales left (None before the first scale), of fixed size however many came
+        before -> (x, the state to carry to the next scale). Its rows equal `forward`'s."""
         norm, gate = self.adaln(cond_BC)
-        y, kv = self.attn(norm(x, 0), [(0, x.shape[1])], None if self.is_mvar else carried)
-        x = x + gate(y, 0)
-        if self.is_mvar:
-            y, carried = self.mamba(norm(x, 1), carried)        # Mamba goes on from its state
-            x = x + gate(y, 1)
-        return x + gate(self.ffn(norm(x, -1)), -1), carried if self.is_mvar else kv
+        x = x + gate(self.attn(norm(x, self.ATTN), [(0, x.shape[1])]), self.ATTN)   # x: one scale
+        y, state = self.mamba(norm(x, self.MAMBA), state)         # Mamba goes on from its state
+        x = x + gate(y, self.MAMBA)
+        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN), state
+
+
+class VARBlock(nn.Module):
+    """VAR's block (the official AdaLNSelfAttn of VAR), the baseline: Block without the Mamba line,
+    and with VAR's block-causal attention (a scale sees itself and every coarser scale). Two
+    branches, so ada_lin gives 6 vectors. The same modules and names otherwise."""
+    ATTN, FFN = 0, 1
+
+    def __init__(self, cfg: MVARConfig, drop_path_rate: float):
+        super().__init__()
+        C, self.drop_path_rate = cfg.width, drop_path_rate
+        self.attn = ScaleAttention(C, cfg.num_heads, cfg.attn_l2_norm, block_causal=True)
+        self.ffn = FFN(C, cfg.mlp_ratio)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))       # 2 branches x 3 vectors
+
+    def adaln(self, cond_BC):
+        return adaln_modulation(self.ada_lin, cond_BC, self.drop_path_rate, self.training)
+
+    def forward(self, x, cond_BC, spans):
+        """x (B, L, C), cond_BC (B, C) -> (B, L, C), as Block.forward."""
+        norm, gate = self.adaln(cond_BC)
+        x = x + gate(self.attn(norm(x, self.ATTN), spans), self.ATTN)    # own and coarser scales
+        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN)
+
+    def forward_one_scale(self, x, cond_BC, kv_cache=None):
+        """Sampling one new scale x (B, l, C), given the attention's keys and values of the earlier
+        scales (None before the first), which grow with every scale -> (x, the grown cache)."""
+        norm, gate = self.adaln(cond_BC)
+        y, kv_cache = self.attn.attend(norm(x, self.ATTN), [(0, x.shape[1])], kv_cache)
+        x = x + gate(y, self.ATTN)
+        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN), kv_cache
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -664,7 +724,8 @@ class MVAR(nn.Module):
 
         # drop-path rate grows linearly with depth: 0 for the first block, cfg.drop_path last
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        block = Block if cfg.arch == "mvar" else VARBlock
+        self.blocks = nn.ModuleList(block(cfg, rate) for rate in rates)
         self.head_nm = AdaLNBeforeHead(C)
         self.head = nn.Linear(C, cfg.vocab_size)
         self._init_weights(std=math.sqrt(1 / C / 3))
@@ -740,7 +801,9 @@ class MVAR(nn.Module):
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC                 # (1, L, C)
         x = cond_BC.unsqueeze(1) + self.pos_start + lvl_pos[:, :cfg.patch_nums[0] ** 2]
 
-        carried = [None] * len(self.blocks)         # None: nothing seen yet
+        # What each block carries from scale to scale (None: nothing seen yet): Block's Mamba2State,
+        # or, for the VAR baseline, VARBlock's KV cache; the sampler only passes it on.
+        carried = [None] * len(self.blocks)
         f_hat, out = None, {"idx": [], "scales": [], "logits": []}
         for k, pn in enumerate(cfg.patch_nums):
             for layer, block in enumerate(self.blocks):
@@ -828,7 +891,7 @@ def compute_loss(logits, idx_list):
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     with torch.no_grad():
         hit = (logits.argmax(-1) == target).float()                         # (B, L)
-        acc = [h.mean() for h in hit.split([idx.shape[1] for idx in idx_list], dim=1)]
+        acc = [hits.mean() for hits in hit.split([idx.shape[1] for idx in idx_list], dim=1)]
     return loss, torch.stack(acc)
 
 
@@ -874,9 +937,9 @@ def _check_scan_inputs(x, dt, A, Bm, Cm, D, initial_state, chunk_size=1):
     (B, L, H, P), (G, N) = x.shape, Bm.shape[-2:]
     want = {"dt": (B, L, H), "A": (H,), "Bm": (B, L, G, N), "Cm": (B, L, G, N), "D": (H,),
             "initial_state": (B, H, P, N)}
-    for (name, shape), t in zip(want.items(), (dt, A, Bm, Cm, D, initial_state)):
-        if t is not None and t.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    for (name, shape), given in zip(want.items(), (dt, A, Bm, Cm, D, initial_state)):
+        if given is not None and given.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(given.shape)}")
     if H % G or chunk_size < 1:
         raise ValueError(f"the {G} groups must divide the {H} heads, and chunk_size ({chunk_size}) be >= 1")
     return B, L, H, P, G, N

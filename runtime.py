@@ -620,13 +620,15 @@ def load_generator(path, device="cpu", tokenizer_path=None):
 
 
 def sampling_defaults(ck: dict) -> dict:
-    """A generator checkpoint -> its sampling setting {"cfg", "top_k", "top_p"}: the one stored
+    """A generator checkpoint -> its sampling setting {"guidance", "top_k", "top_p"}: the one stored
     with it (the shipped weights: the setting measured to draw them best), else the grids' setting
-    of its run (`guidance`, named `cfg_scale` in checkpoints written before the rename)."""
+    of its run. Files written before the rename call the strength "cfg" (the shipped ones) or
+    "cfg_scale" (a run's config): read as guidance."""
     if ck.get("sampling"):
-        return dict(ck["sampling"])
+        s = dict(ck["sampling"])
+        return {"guidance": s.pop("guidance", s.pop("cfg", None)), **s}
     t = ck["config"]["train"]
-    return {"cfg": t.get("guidance", t.get("cfg_scale")), "top_k": t["top_k"], "top_p": t["top_p"]}
+    return {"guidance": t.get("guidance", t.get("cfg_scale")), "top_k": t["top_k"], "top_p": t["top_p"]}
 
 
 # The trained Fashion-MNIST tokenizer, M-VAR and VAR that come with the repository (made by
@@ -767,7 +769,7 @@ def load_official(path, vae_ckpt, device="cpu", patch_nums=None, expect: dict | 
 # --------------------------------------------------------------------------------------------
 
 # The sampling setting behind the published FID numbers of VAR and M-VAR (no gumbel smoothing).
-OFFICIAL_FID = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+OFFICIAL_FID = {"guidance": 1.5, "top_k": 900, "top_p": 0.96}
 
 
 def parse_sample_args(argv, description: str):
@@ -849,7 +851,7 @@ def sample_parser(description: str) -> argparse.ArgumentParser:
     add = p.add_argument_group("what to sample").add_argument
     add("--classes", default="", help="class ids: 0-9, 1,5,7 or all (default: the first 10; --npz: all)")
     add("--per_class", type=int, default=4, help="grid rows: samples per class (default 4)")
-    add("--cfg", "--guidance", dest="cfg", type=float,
+    add("--guidance", "--cfg", dest="guidance", type=float,
         help="classifier-free guidance strength (default: checkpoint's / 1.5)")
     add("--top_k", type=int, help="top-k, 0 = off (default: checkpoint's / 900)")
     add("--top_p", type=float, help="top-p, 0 = off (default: checkpoint's / 0.96)")

@@ -47,7 +47,7 @@ Paper -> code
   M-VAR (arXiv 2411.10433): the same sampler; between scales each block carries Mamba's state
       instead of re-reading the prefix ............................... Block.forward_one_scale
   classifier-free guidance (Ho & Salimans, arXiv 2207.12598) with the strength ramped linearly
-      over the scales, as VAR's and M-VAR's code do ...................... --cfg, sample_tokens
+      over the scales, as VAR's and M-VAR's code do ................. --guidance, sample_tokens
   top-k / top-p (nucleus) sampling (Holtzman et al., arXiv 1904.09751) . --top_k, --top_p,
                                                       mvar.top_k_top_p_filter, sample_top_k_top_p
   FID protocol of both papers: 50,000 samples, 50 per ImageNet class, cfg 1.5, top-k 900,
@@ -95,7 +95,7 @@ def sample_images(model, tokenizer, labels: torch.Tensor, batch: int, settings: 
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(labels), batch), desc=desc, disable=len(labels) <= batch):
         with autocast(device, amp_dtype):
-            out = model.generate(tokenizer, labels[start:start + batch].to(device), guidance=settings["cfg"],
+            out = model.generate(tokenizer, labels[start:start + batch].to(device), guidance=settings["guidance"],
                                  top_k=settings["top_k"], top_p=settings["top_p"],
                                  more_smooth=settings["more_smooth"], generator=gen, return_scales=strip)
         img, scales = out if strip else (out, [])
@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
     paths = output_paths(args.out, default_dir, model.cfg.arch, args.npz)
     print(f"{model.cfg.arch} generator, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{model.cfg.num_classes} classes, on {args.device}{' (bf16)' if args.amp_dtype else ''}; "
-          f"cfg {settings['cfg']}, top_k {settings['top_k']}, top_p {settings['top_p']}, "
+          f"guidance {settings['guidance']}, top_k {settings['top_k']}, top_p {settings['top_p']}, "
           f"more_smooth {args.more_smooth}, seed {args.seed}")
     result = {"grid": None, "strip": None, "npz": None, "settings": settings}
     run = dict(batch=args.batch, settings=settings, device=args.device, amp_dtype=args.amp_dtype,

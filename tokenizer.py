@@ -17,10 +17,13 @@ Three ideas make it work, each explained where its code is:
     gradient is copied past the quantizer onto the encoder (VQ-VAE, van den Oord et al. 2017).
 Everything else is a standard conv autoencoder (section 4), as in any single-scale VQ-VAE.
 
-Every parameter's name follows VAR's code, so VAR's released 256px tokenizer vae_ch160v4096z32.pth
-loads with strict=True into MultiScaleVQVAE(tokenizer_config("var256")) (see runtime.py).
+Every parameter's name follows VAR's code: MultiScaleVQVAE(tokenizer_config("var256")) has exactly
+the keys and shapes of VAR's released 256px tokenizer vae_ch160v4096z32.pth (its key list is in
+tests/reference/), which runtime.load_var_checkpoint loads strictly. The file itself was never
+loaded here (no download); tests/test_golden.py checks the quantizer against the official code.
 
-Shape letters (one meaning each, across the project):
+Shape letters (one meaning each in this file; mvar.py's glossary lists the two letters that mean
+something else there: its einsum strings write the heads H as h, and attention's keys are k):
     B     batch
     Cimg  image channels (1 grey, 3 RGB; cfg.in_channels)
     S     image side: images are S x S (cfg.image_size)
@@ -44,7 +47,8 @@ tokenizer as it is, so everything here is VAR's.
     VAR §3.2 Algorithm 2: multi-scale reconstruction              idx_to_fhat, idx_to_img
     Alg. 1 and 2, lookup(Z, r_k): one codebook Z for all scales   embed_scale, quantize.embedding
     Alg. 1 and 2, phi_k(interpolate(z_k, h_K, w_K))               scale_contribution, Phi, phi_index
-    VAR Fig. 4, stage 2: the generator's input, f_hat so far      idx_to_teacher_input, next_input
+    VAR Fig. 4, stage 2: the generator's input, f_hat so far      idx_to_teacher_input, next_input,
+                                                                  split_scales
     VAR §3.1 Eq. 5, the compound training loss                    forward (+ the caller's pixel loss)
     VQ-VAE §3.2, the straight-through gradient estimator          forward
     VAR §4 "VAR tokenizer": VQGAN's conv autoencoder, 16x down    Encoder, Decoder, preset "var256"
@@ -132,10 +136,13 @@ class TokenizerConfig:
         return cls(**d)
 
 
-# "var256" is exactly VAR's released vae_ch160v4096z32 (256px ImageNet, 16x downsampling).
-# "32px" is small enough to train on a CPU (4x downsampling to 8x8 latents, 1.1M parameters);
-# its dead-code restarts keep the coarse scales from collapsing onto a few codes. The same
-# layers take any S divisible by 4. Measurements behind both choices: benchmarks/RESULTS.md.
+# "var256" has the architecture of VAR's released vae_ch160v4096z32 (256px ImageNet, 16x
+# downsampling): its parameter names and shapes match the file's key list exactly
+# (tests/reference/var_vae_ch160v4096z32_keys.txt; the file itself was never loaded here).
+# "32px" is small enough to train on a CPU (4x downsampling to 8x8 latents at 32 px, 1.1M
+# parameters); its dead-code restarts keep the coarse scales from collapsing onto a few codes.
+# The same layers take any S divisible by 4. The measurements behind it: benchmarks/RESULTS.md,
+# "The tokenizer: recipe and codebook collapse".
 # Both keep VAR's quantizer defaults (beta 0.25, quant_resi 0.5, 4 phi convs, L2 lookup).
 TOKENIZER_PRESETS: dict[str, dict] = {
     "32px": dict(image_size=32, in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
@@ -236,6 +243,14 @@ class MultiScaleQuantizer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # 3. The tokenizer: VAR's Algorithms 1 and 2, the generator's input, training
 # ----------------------------------------------------------------------------------------------
+# A pyramid of token maps travels in two forms: a list of K maps (B, pn_k^2), coarse to fine, which
+# the methods below take and return, and one flat row of L tokens per image (B, L), which the
+# token cache stores and the generator's logits follow. split_scales turns the second into the first.
+
+def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
+    """(B, L) flat tokens -> K tensors (B, pn_k^2), coarse to fine (the inverse of torch.cat(.., 1))."""
+    return list(idx_BL.split([p * p for p in patch_nums], dim=1))
+
 
 class MultiScaleVQVAE(nn.Module):
     """VAR's multi-scale residual VQ-VAE.

@@ -6,7 +6,7 @@ one. Then every image is encoded once into its K token maps. Stage 2 trains the 
 tokens, and every scale is trained at once.
 
     python train.py                                   # tiny built-in data, both stages, CPU ok
-    python train.py --preset fashion-mnist            # both stages, 38-53 min on a 2-core CPU
+    python train.py --preset fashion-mnist            # both stages, about 50 min on a 2-core CPU
     python train.py --preset fashion-mnist --stage generator --arch var   # VAR, same tokens
     torchrun --nproc_per_node=8 train.py --preset imagenet256-d16 \\
         --data_dir /data/imagenet --vae_ckpt /ckpt/vae_ch160v4096z32.pth
@@ -25,8 +25,8 @@ The three ideas of this chapter:
     inside a scale, a causal Mamba across scales), and that input is built from r_<k alone, so
     each prediction sees exactly what sampling will give it -- with the difference that in
     sampling r_<k are the model's own draws (notebook 02 checks the logits agree).
-  * The schedule (VAR's trainer; M-VAR, arXiv 2411.10433: "the hyperparameters of training are
-    the same as VAR"): AdamW with betas (0.9, 0.95), a peak learning rate that grows with the
+  * The schedule (VAR's trainer, which M-VAR's official README says it keeps: "the
+    hyperparameters of training are the same as VAR"): AdamW with betas (0.9, 0.95), a peak learning rate that grows with the
     batch (1e-4 per 256 images), a short linear warm-up (AdamW's early steps rest on noisy
     moment estimates), then a linear decay; weight decay only on weight matrices.
   * Class dropout for classifier-free guidance: with probability cond_drop (0.1) the class is
@@ -79,9 +79,9 @@ from runtime import (DATA_FIELDS, DistInfo, StageRun, amp_setup, autocast, distr
                      option, parse_config_args, report_generator_eval, report_tokenizer_eval,
                      save_checkpoint, stage_checkpoint, wrap_ddp, write_json)
 from data import (ShardedSampler, TokenDataset, cached_tokens, load_dataset, save_generator_pictures,
-                  save_loss_plot, save_recon_grid, split_scales, step_loader)
+                  save_loss_plot, save_recon_grid, step_loader)
 from mvar import MVAR, MVARConfig, compute_loss
-from tokenizer import MultiScaleVQVAE, code_usage, psnr, tokenizer_config
+from tokenizer import MultiScaleVQVAE, code_usage, psnr, split_scales, tokenizer_config
 
 
 # ============================================================================================
@@ -162,10 +162,11 @@ class TrainConfig:
 
 
 # Presets change only what differs from the defaults above ("tiny": 16 px shapes, 4x4 latents,
-# a depth-4 width-128 generator, both stages in 4:21 on an idle 2-core CPU). The ImageNet ones
+# a depth-4 width-128 generator, both stages in minutes on a CPU). The ImageNet ones
 # are VAR's / M-VAR's released training commands (M-VAR: "the hyperparameters of training are
 # the same as VAR"), warm-up ep/50 (VAR's default); each preset lists what its command sets.
-# How the fashion-mnist values were chosen: benchmarks/RESULTS.md, "The fashion-mnist preset".
+# How the fashion-mnist values were chosen: benchmarks/RESULTS.md, "The recipe, and where its
+# numbers come from".
 _IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256", patch_nums=(), width=0, num_heads=0,
                  vae_ckpt="data/vae_ch160v4096z32.pth", gen_batch=768, base_lr=1e-4, num_workers=8,
                  log_every=100, ckpt_every=2000, image_every=5000, eval_images=10000, samples_per_class=1)
@@ -373,8 +374,8 @@ def eval_tokenizer(model: MultiScaleVQVAE, ds, batch: int, limit: int, device) -
 # 4. Encoding the dataset to tokens, once
 # ============================================================================================
 # The generator never sees pixels: it learns from the K token maps of every image. Encoding
-# them once, instead of at every step as VAR's trainer does, makes stage 2 several times faster
-# on a CPU. With --hflip the mirrored image is encoded too (its tokens are not a mirror of the
+# them once, instead of at every step as VAR's trainer does, takes the tokenizer's encoder out of
+# every step of stage 2 (the price: one fixed crop per image, see SCALING_UP.md). With --hflip the mirrored image is encoded too (its tokens are not a mirror of the
 # tokens: the residual quantizer is not mirror-symmetric), and training picks one of the two.
 
 @torch.no_grad()

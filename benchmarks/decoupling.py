@@ -95,11 +95,11 @@ def mamba_reset(forward, spans, seq_len):
 
 
 class NoAttention(nn.Module):
-    """Stands in for ScaleAttention in `mamba-only`: adds nothing, has no parameters. Returns
-    what ScaleAttention.forward returns: (output (B, l, C), the keys and values, here None)."""
+    """Stands in for ScaleAttention in `mamba-only`: adds nothing, has no parameters.
+    x (B, L, C), spans -> zeros (B, L, C)."""
 
-    def forward(self, x, spans, kv_cache=None):
-        return torch.zeros_like(x), None
+    def forward(self, x, spans):
+        return torch.zeros_like(x)
 
 
 def build_variant(name: str, mcfg) -> MVAR:
@@ -206,7 +206,7 @@ def judge_run(args, name: str, seed: int) -> dict:
     clf.load_state_dict(judge["classifier"])
     M = judge["num_classes"]
     labels = torch.arange(M).repeat_interleave(args.per_class)
-    settings = {"cfg": cfg.guidance, "top_k": cfg.top_k, "top_p": cfg.top_p, "more_smooth": False}
+    settings = {"guidance": cfg.guidance, "top_k": cfg.top_k, "top_p": cfg.top_p, "more_smooth": False}
     images, _, _ = sample_images(model, tok, labels, 250, settings, torch.device("cpu"), seed=0)
     x = images * 2 - 1                                             # the classifier's [-1, 1]
     feats = sample_quality.features(clf, x, "cpu")

@@ -29,11 +29,12 @@ def forward_one_scale_rerun(block, x, cond_BC, prefix=None):
     so far, C): the Mamba inputs of every earlier scale, or None before the first one.
     -> (x after the block, prefix with this scale's Mamba input appended)."""
     norm, gate = block.adaln(cond_BC)
-    x = x + gate(block.attn(norm(x, 0), [(0, x.shape[1])])[0], 0)        # attention inside the scale
-    prefix = norm(x, 1) if prefix is None else torch.cat([prefix, norm(x, 1)], dim=1)
+    x = x + gate(block.attn(norm(x, block.ATTN), [(0, x.shape[1])]), block.ATTN)   # inside the scale
+    u = norm(x, block.MAMBA)
+    prefix = u if prefix is None else torch.cat([prefix, u], dim=1)
     # Mamba over the whole prefix from an empty state; only the new scale's rows are kept
-    x = x + gate(block.mamba(prefix)[0][:, -x.shape[1]:], 1)
-    return x + gate(block.ffn(norm(x, -1)), -1), prefix
+    x = x + gate(block.mamba(prefix)[0][:, -x.shape[1]:], block.MAMBA)
+    return x + gate(block.ffn(norm(x, block.FFN)), block.FFN), prefix
 
 
 @torch.no_grad()

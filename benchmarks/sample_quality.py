@@ -12,7 +12,7 @@ recognisably; the per-class table shows which classes it gets wrong.
 Recognisable is not the whole story: samples can all be one prototype per class. With
 --fd_per_class n, the classifier's features (its flattened conv map, before the last layer; for
 RGB data the grey, shape-only classifier's) also give, for n images per class of each row (real
-test images, their reconstructions, and the first checkpoint's samples at each --fd_cfgs
+test images, their reconstructions, and the first checkpoint's samples at each --fd_guidance
 guidance), against the features of the real training images (all, or --train_images of them):
   - the Frechet distance (FID's formula in this classifier's feature space: lower is closer to
     the real distribution; it depends on n, so every row uses the same n);
@@ -25,11 +25,11 @@ classifier (trained and tested on luminance only) is reported too: it checks the
 Classifier weights are cached in the folder of the first checkpoint given (classifier_<mode>.pt)
 and reused while the data settings are unchanged (copy the file to score other run folders with
 the same classifier); the results go to sample_quality.json there (tokenizer_quality.json for
---tokenizer). Sampling uses the checkpoint's cfg / top-k / top-p unless overridden, and a
+--tokenizer). Sampling uses the checkpoint's guidance / top-k / top-p unless overridden, and a
 fixed seed (--sample_seed draws other samples for the same classifier: the table's noise).
 
     python benchmarks/sample_quality.py --ckpt runs/tiny/mvar.pt --ckpt2 runs/tiny/var.pt
-    python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --per_class 50 --cfg 2
+    python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --per_class 50 --guidance 2
     python benchmarks/sample_quality.py --dataset fashion-mnist     # classifier only, no generator
     python benchmarks/sample_quality.py --ckpt runs/fashion-mnist/mvar.pt --fd_per_class 200
     python benchmarks/sample_quality.py --tokenizer runs/x/tokenizer.pt --fd_per_class 200
@@ -192,7 +192,7 @@ def reconstruct(tok, x: torch.Tensor, device, batch: int = 200) -> torch.Tensor:
 def settings_of(ck: dict, args) -> dict:
     """Sampling settings: the checkpoint's, unless given on the command line."""
     saved = runtime.sampling_defaults(ck)
-    given = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
+    given = {"guidance": args.guidance, "top_k": args.top_k, "top_p": args.top_p}
     return {**{k: saved[k] if v is None else v for k, v in given.items()}, "more_smooth": False}
 
 
@@ -210,11 +210,11 @@ def spread_table(args, clf, mode, train_x, test_x, test_y, model, tok, ck, M, de
     feats = lambda x: features(clf, to_mode(x, mode), device)
     rows = [("real test images", feats(test_x[pick])),
             ("tokenizer reconstructions", feats(reconstruct(tok, test_x[pick], device)))]
-    for scale in (args.fd_cfgs if model is not None else []):         # no generator, no samples
-        settings = {**settings_of(ck, args), "cfg": scale}
+    for strength in (args.fd_guidance if model is not None else []):  # no generator, no samples
+        settings = {**settings_of(ck, args), "guidance": strength}
         images, _, _ = sample_images(model, tok, labels, args.batch, settings, device, seed=args.sample_seed,
-                                     desc=f"sampling cfg {scale:g}")
-        rows.append((f"{model.cfg.arch} samples, cfg {scale:g}", feats(images * 2 - 1)))
+                                     desc=f"sampling guidance {strength:g}")
+        rows.append((f"{model.cfg.arch} samples, guidance {strength:g}", feats(images * 2 - 1)))
     reference = feats(train_x)
     real_spread = class_spread(rows[0][1], labels, M)
     print(f"\nIn the classifier's feature space ({reference.shape[1]} features), n = {n} images per "
@@ -266,7 +266,8 @@ def main(argv=None) -> dict:
                    help="without --ckpt / --tokenizer: which dataset (default shapes); with one, a check")
     p.add_argument("--data_dir", default="", help="dataset folder, if not where train.py looks")
     p.add_argument("--per_class", type=int, default=20, help="generated samples per class")
-    p.add_argument("--cfg", type=float, default=None, help="guidance (default: the checkpoint's)")
+    p.add_argument("--guidance", "--cfg", type=float, default=None,
+                   help="classifier-free guidance strength (default: the checkpoint's)")
     p.add_argument("--top_k", type=int, default=None, help="top-k (default: the checkpoint's)")
     p.add_argument("--top_p", type=float, default=None, help="top-p (default: the checkpoint's)")
     p.add_argument("--train_images", type=int, default=0, help="classifier training images (0 = all)")
@@ -274,8 +275,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=50, help="generator batch")
     p.add_argument("--fd_per_class", type=int, default=0,
                    help="images per class for the Frechet distance / diversity table (0: skip it)")
-    p.add_argument("--fd_cfgs", type=float, nargs="+", default=[0.0, 1.5, 3.0],
-                   help="guidance scales sampled for that table")
+    p.add_argument("--fd_guidance", "--fd_cfgs", type=float, nargs="+", default=[0.0, 1.5, 3.0],
+                   help="guidance strengths sampled for that table")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier and of the samples")
     p.add_argument("--sample_seed", type=int, default=None,
                    help="seed of the samples only (default: --seed); another value with the same "
@@ -329,7 +330,7 @@ def main(argv=None) -> dict:
         labels = torch.arange(M).repeat_interleave(args.per_class)
         images, _, secs = sample_images(model, tok, labels, args.batch, settings, device,
                                         seed=args.sample_seed, desc=f"sampling {model.cfg.arch}")
-        name = f"{model.cfg.arch} samples (cfg {settings['cfg']:g}, step {ck['step']})"
+        name = f"{model.cfg.arch} samples (guidance {settings['guidance']:g}, step {ck['step']})"
         rows.append((name, len(labels), *score(images * 2 - 1, labels), settings))
         print(f"{name}: {len(labels)} images in {secs:.0f} s")
 

@@ -86,7 +86,7 @@ def compiled(model, what: str):
     if what == "model":
         return torch.compile(model)
     for block in model.blocks:
-        if block.is_mvar:
+        if hasattr(block, "mamba"):
             block.mamba.compile()
     return model
 

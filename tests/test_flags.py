@@ -4,7 +4,7 @@ The other test files check the algorithms. This one checks the layer around them
 train.py flag (a field of train.TrainConfig) and every sample.py option (a dest of
 runtime.sample_parser) reaches the thing it controls, with NON-default values (0 and the other
 boundaries included where they mean something: drop_path 0, cond_drop 0, warmup_frac 0,
-guidance 0, --cfg 0, --top_k 0, --top_p 0); that evaluation is evaluation; that pictures hold
+guidance 0, --guidance 0, --top_k 0, --top_p 0); that evaluation is evaluation; that pictures hold
 the decoded pixel values; and that the sampler's and the restarts' distributions are the
 documented ones.
 
@@ -291,7 +291,7 @@ def check_log_every(run, row):
 
 
 def check_recon_pictures(run, row):
-    assert run.recon_calls == 3              # steps 2 and 4, and the final one (default 500: the final one)
+    assert run.recon_calls == 2              # step 2, then the final one at step 4 (default 500: the final one)
 
 
 def check_num_workers(run, row):
@@ -998,9 +998,9 @@ def check_precision_sampling(ctx, row):
 def check_shipped_arch(ctx, row):
     """No --ckpt: --arch picks the shipped model (weights/fashion-mnist/var.pt) and its setting."""
     _, calls = run_sample(ctx, row.full_argv, default_args=False)
-    shipped = runtime.load_checkpoint(runtime.SHIPPED / "var.pt", "generator")["sampling"]
+    shipped = runtime.sampling_defaults(runtime.load_checkpoint(runtime.SHIPPED / "var.pt", "generator"))
     assert [c["arch"] for c in calls] == ["var"]
-    assert (calls[0]["guidance"], calls[0]["top_k"], calls[0]["top_p"]) == (shipped["cfg"], shipped["top_k"],
+    assert (calls[0]["guidance"], calls[0]["top_k"], calls[0]["top_p"]) == (shipped["guidance"], shipped["top_k"],
                                                                            shipped["top_p"])
 
 
@@ -1034,8 +1034,8 @@ def check_official_patch_nums(ctx, row):
 
 
 SAMPLE_ROWS = [
-    *[SampleRow("cfg", ("--cfg", "0"), sampler_gets(guidance=0.0), mode) for mode in ("grid", "npz")],
-    SampleRow("cfg", ("--cfg", "3.5"), sampler_gets(guidance=3.5)),
+    *[SampleRow("guidance", ("--guidance", "0"), sampler_gets(guidance=0.0), mode) for mode in ("grid", "npz")],
+    SampleRow("guidance", ("--cfg", "3.5"), sampler_gets(guidance=3.5)),   # the old name, an alias
     *[SampleRow("top_k", ("--top_k", "0"), sampler_gets(top_k=0), mode) for mode in ("grid", "npz")],
     SampleRow("top_k", ("--top_k", "5"), sampler_gets(top_k=5)),
     *[SampleRow("top_p", ("--top_p", "0"), sampler_gets(top_p=0.0), mode) for mode in ("grid", "npz")],
@@ -1171,8 +1171,8 @@ FLAG_TESTS = {
         "classes": here("test_sample_flag", "classes=5,0-1-grid", "classes=6,1-npz")
         + [TTP + "test_grid_columns_are_labelled_with_the_class_they_hold"],
         "per_class": here("test_sample_flag", "per_class=3-grid"),
-        "cfg": here("test_sample_flag", "cfg=0-grid", "cfg=0-npz", "cfg=3.5-grid")
-        + [TS + "test_guidance_flag_is_an_alias_of_cfg"],
+        "guidance": here("test_sample_flag", "guidance=0-grid", "guidance=0-npz", "cfg=3.5-grid")
+        + [TS + "test_cfg_flag_is_an_alias_of_guidance"],
         "top_k": here("test_sample_flag", "top_k=0-grid", "top_k=0-npz", "top_k=5-grid"),
         "top_p": here("test_sample_flag", "top_p=0-grid", "top_p=0-npz", "top_p=0.5-grid"),
         "more_smooth": here("test_sample_flag", "more_smooth-grid", "more_smooth-npz")
@@ -1382,8 +1382,8 @@ SHIPPED_MEANS = (0.4270578, 0.1568971)
 
 def test_shipped_sample_pixels_are_pinned():
     model, tok, ck = runtime.load_generator(runtime.SHIPPED / "mvar.pt")
-    s = ck["sampling"]
-    images = model.generate(tok, torch.tensor([0, 7]), guidance=s["cfg"], top_k=s["top_k"], top_p=s["top_p"],
+    s = runtime.sampling_defaults(ck)
+    images = model.generate(tok, torch.tensor([0, 7]), guidance=s["guidance"], top_k=s["top_k"], top_p=s["top_p"],
                             generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 1, 28, 28)
     got = {key: float(images[key[0], 0, key[1], key[2]]) for key in SHIPPED_PIXELS}

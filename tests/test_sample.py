@@ -81,7 +81,7 @@ def test_grid_has_one_column_per_class(run, tmp_path):
     assert res["grid"] == tmp_path / "g.png" and res["npz"] is None and res["strip"] is None
     assert res["images"] == 6 and res["images_per_s"] > 0
     # the checkpoint's sampling settings are the defaults
-    assert res["settings"] == {"cfg": 2.0, "top_k": 20, "top_p": 0.0, "more_smooth": False}
+    assert res["settings"] == {"guidance": 2.0, "top_k": 20, "top_p": 0.0, "more_smooth": False}
     got = tiles(res["grid"], rows=2, cols=3)
     want = reference(run, torch.tensor([5, 0, 1, 5, 0, 1]), seed=3, batch=4)
     np.testing.assert_array_equal(got, want)
@@ -89,7 +89,7 @@ def test_grid_has_one_column_per_class(run, tmp_path):
 
 def test_strip_shows_every_scale_of_one_sample_per_class(run, tmp_path):
     res = sample.main(["--ckpt", str(run / "mvar.pt"), "--classes", "2,7", "--per_class", "3",
-                       "--strip", "--out", str(tmp_path), "--device", "cpu", "--cfg", "0"])
+                       "--strip", "--out", str(tmp_path), "--device", "cpu", "--guidance", "0"])
     assert res["grid"] == tmp_path / "mvar_grid.png" and res["strip"] == tmp_path / "mvar_strip.png"
     strip = tiles(res["strip"], rows=2, cols=K)     # one row per class: it reads at a glance
     grid = tiles(res["grid"], rows=3, cols=2)
@@ -117,13 +117,16 @@ def test_npz_is_fid_layout_balanced_and_seeded(run, tmp_path):
     np.testing.assert_array_equal(x, reference(run, torch.from_numpy(y), seed=0, batch=6, top_p=0.9))
 
 
-def test_guidance_flag_is_an_alias_of_cfg(run, tmp_path):
-    """--guidance (train.py's name for it) and --cfg set the same thing: the same images."""
+def test_cfg_flag_is_an_alias_of_guidance(run, tmp_path):
+    """--cfg (the papers' and the official code's name, and this flag's before the rename) sets
+    what --guidance sets: the same images. A checkpoint that stores "cfg" reads as guidance."""
     common = ["--ckpt", str(run / "mvar.pt"), "--classes", "0,3", "--per_class", "1", "--device", "cpu"]
     a = sample.main(common + ["--guidance", "0.5", "--out", str(tmp_path / "a.png")])
     b = sample.main(common + ["--cfg", "0.5", "--out", str(tmp_path / "b.png")])
-    assert a["settings"]["cfg"] == b["settings"]["cfg"] == 0.5
+    assert a["settings"]["guidance"] == b["settings"]["guidance"] == 0.5
     np.testing.assert_array_equal(tiles(a["grid"], rows=1, cols=2), tiles(b["grid"], rows=1, cols=2))
+    old = {"sampling": {"cfg": 2.5, "top_k": 7, "top_p": 0.5}}                   # the shipped files' keys
+    assert runtime.sampling_defaults(old) == {"guidance": 2.5, "top_k": 7, "top_p": 0.5}
 
 
 def test_grey_images_are_replicated_to_three_channels():
@@ -278,7 +281,7 @@ def test_sample_quality_benchmark_runs_and_caches_its_classifier(run):
     second = sample_quality.main(args)                       # classifiers loaded from the cache
     assert first == second == json.loads((run / "sample_quality.json").read_text())
     names = [r["name"] for r in first["rows"]]
-    assert names[0] == "real test images" and names[2].startswith("mvar samples (cfg 2")
+    assert names[0] == "real test images" and names[2].startswith("mvar samples (guidance 2")
     assert [r["images"] for r in first["rows"]] == [8, 8, NUM_CLASSES]
     for r in first["rows"]:
         assert all(0 <= a <= 1 for a in r["accuracy"].values()) and len(r["per_class"]["grey"]) == NUM_CLASSES
@@ -312,13 +315,13 @@ def test_sample_quality_spread_table(run):
     test_x = torch.rand(3 * NUM_CLASSES, 3, S, S, generator=gen) * 2 - 1
     test_y = torch.arange(3 * NUM_CLASSES) % NUM_CLASSES
     clf = sample_quality.SmallCNN(1, NUM_CLASSES, S)
-    args = argparse.Namespace(fd_per_class=2, fd_cfgs=[0.0, 2.0], batch=8, seed=0, sample_seed=0, cfg=None, top_k=None,
+    args = argparse.Namespace(fd_per_class=2, fd_guidance=[0.0, 2.0], batch=8, seed=0, sample_seed=0, guidance=None, top_k=None,
                               top_p=None)
     loaded = runtime.load_generator(run / "mvar.pt", torch.device("cpu"))
     rows = sample_quality.spread_table(args, clf, "grey", test_x, test_x, test_y, *loaded,
                                        NUM_CLASSES, torch.device("cpu"))
     assert [r["name"] for r in rows] == ["real test images", "tokenizer reconstructions",
-                                         "mvar samples, cfg 0", "mvar samples, cfg 2"]
+                                         "mvar samples, guidance 0", "mvar samples, guidance 2"]
     assert all(r["images"] == 2 * NUM_CLASSES for r in rows)
     assert rows[0]["diversity_ratio"] == pytest.approx(1.0)
     assert rows[1]["frechet_distance"] > 0

@@ -2,7 +2,10 @@
 
 References: the scan's closed form summed by brute force; the plain loop `ssd_scan_sequential`
 (itself checked against the closed form); a mamba_ssm-style whole-sequence forward pass written
-here from the paper's description; the official checkpoint's key list.
+here from the paper's description; the official d16 model's key list (tests/reference/
+mvar_d16_keys.txt: the keys and shapes of the official code's M-VAR-d16 as its constructor builds it
+by default, attn_l2_norm=True; the released d16 / d20 files, trained with attn_l2_norm=False, lack
+its blocks.*.attn.scale_mul_1H11).
 """
 
 import os

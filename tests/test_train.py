@@ -19,7 +19,7 @@ import data
 import runtime
 import train
 from mvar import MVAR, MVARConfig
-from tokenizer import MultiScaleVQVAE
+from tokenizer import MultiScaleVQVAE, split_scales
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -319,7 +319,7 @@ def test_generator_step_is_teacher_forcing_plus_one_adamw_step(full_run, tmp_pat
     batch = [data.TokenDataset(cache["train"], cfg.seed)[(i, epoch)] for i in items]
     idx_BL, labels = torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])
     tokenizer, _ = runtime.load_trained_tokenizer(run / "tokenizer.pt")
-    idx_list = data.split_scales(idx_BL, (1, 2, 3, 4))
+    idx_list = split_scales(idx_BL, (1, 2, 3, 4))
     assert torch.equal(call["labels"], labels)
     assert torch.equal(call["teacher"], tokenizer.idx_to_teacher_input(idx_list))
 
@@ -384,7 +384,7 @@ def test_token_cache_equals_on_the_fly_encoding(full_run):
             assert cache[split].get("idx_flip") is None
         for x, cached in views:
             fresh = tokenizer.img_to_idx(x)
-            cached_list = data.split_scales(cached.long(), pns)
+            cached_list = split_scales(cached.long(), pns)
             assert all(torch.equal(a, b) for a, b in zip(fresh, cached_list))
             assert torch.equal(tokenizer.idx_to_teacher_input(cached_list),
                                tokenizer.idx_to_teacher_input(fresh))

@@ -40,7 +40,7 @@ import data  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 from mvar import compute_loss  # noqa: E402
-from tokenizer import psnr  # noqa: E402
+from tokenizer import psnr, split_scales  # noqa: E402
 
 RUN = ROOT / "runs" / "fashion-mnist"
 REFERENCE = ROOT / "tests" / "reference" / "fashion_mnist_shipped.pt"
@@ -51,7 +51,7 @@ COMMANDS = {   # name -> train.py arguments; "tokenizer" + "mvar" = the preset's
 }
 # The shipped models' default sampling setting (sample.py, the notebooks): the one that drew
 # them best, measured with benchmarks/sample_quality.py (benchmarks/RESULTS.md, "The shipped weights").
-SAMPLING = {"cfg": 3.0, "top_k": 0, "top_p": 0.0}
+SAMPLING = {"guidance": 3.0, "top_k": 0, "top_p": 0.0}
 # The fixed slice of the test set the regression tests use.
 N_IMAGES, N_TOKENS, SAMPLE_SEED = 32, 512, 0
 
@@ -98,12 +98,12 @@ def measure(tokenizer, generators: dict, images, image_labels, tokens, token_lab
     idx = tokenizer.img_to_idx(img)
     out = {"tokenizer": {"idx": torch.cat(idx, 1),
                          "psnr_db": psnr(img, tokenizer.idx_to_img(idx)).mean().item()}}
-    idx_list = data.split_scales(tokens.long(), pns)
+    idx_list = split_scales(tokens.long(), pns)
     teacher = tokenizer.idx_to_teacher_input(idx_list)
     for arch, model in generators.items():
         loss, acc = compute_loss(model(token_labels, teacher), idx_list)
         labels = torch.arange(model.cfg.num_classes)
-        sampled = model.sample_tokens(tokenizer, labels, SAMPLING["cfg"], SAMPLING["top_k"], SAMPLING["top_p"],
+        sampled = model.sample_tokens(tokenizer, labels, SAMPLING["guidance"], SAMPLING["top_k"], SAMPLING["top_p"],
                                       generator=torch.Generator().manual_seed(SAMPLE_SEED))
         out[arch] = {"loss": loss.item(), "per_scale_acc": acc.tolist(),
                      "sample_idx": torch.cat(sampled["idx"], 1)}
@@ -171,7 +171,7 @@ def write_provenance(dest: Path, times: dict, res: dict) -> None:
         f"- code: commit `{commit[:12]}` (the commit that ran `weights/make.py`; the training ran",
         "  on the same model code)",
         "- files: " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in sizes.items()),
-        f"- default sampling (sample.py, notebooks): cfg {SAMPLING['cfg']:g}, top-k {SAMPLING['top_k']}, "
+        f"- default sampling (sample.py, notebooks): guidance {SAMPLING['guidance']:g}, top-k {SAMPLING['top_k']}, "
         f"top-p {SAMPLING['top_p']:g}",
         "",
         "| model | command | wall (2-core CPU) | on the 10,000 test images | samples classified |",
