@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import pickle
 import struct
 import tarfile
@@ -43,8 +42,7 @@ from runtime import save_checkpoint
 # 1. Datasets
 # ============================================================================================
 
-SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes",
-                 "checker")
+SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker")
 _SHAPE_COLORS = np.array([(230, 60, 50), (60, 200, 70), (60, 90, 230), (235, 210, 50),
                           (210, 70, 210), (50, 210, 220), (245, 140, 40), (235, 235, 235)])
 
@@ -68,24 +66,18 @@ def make_shapes(n: int, image_size: int = 32, seed: int = 0):
         dy, dx = yy - cy, xx - cx
         period = rng.uniform(S / 8, S / 4)
         phase = rng.uniform(0, period)
-        name = SHAPE_CLASSES[c]
-        if name == "circle":
-            mask = dy**2 + dx**2 <= r**2
-        elif name == "square":
-            mask = np.maximum(abs(dy), abs(dx)) <= 0.8 * r
-        elif name == "triangle":      # apex up: inside three half-planes
-            mask = (dy <= 0.8 * r) & (dy >= 2 * abs(dx) - 1.1 * r)
-        elif name == "ring":
-            d2 = dy**2 + dx**2
-            mask = (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
-        elif name == "cross":
-            mask = ((abs(dy) <= 0.25 * r) | (abs(dx) <= 0.25 * r)) & (np.maximum(abs(dy), abs(dx)) <= r)
-        elif name == "h-stripes":
-            mask = ((yy + phase) % period) < period / 2
-        elif name == "v-stripes":
-            mask = ((xx + phase) % period) < period / 2
-        else:                         # checker
-            mask = (((yy + phase) // (period / 1.5) + (xx + phase) // (period / 1.5)) % 2) == 0
+        d2, box = dy**2 + dx**2, np.maximum(abs(dy), abs(dx))   # squared distance, "square radius"
+        masks = {   # class name -> its mask; only this image's class is computed
+            "circle": lambda: d2 <= r**2,
+            "square": lambda: box <= 0.8 * r,
+            "triangle": lambda: (dy <= 0.8 * r) & (dy >= 2 * abs(dx) - 1.1 * r),   # apex up: 3 half-planes
+            "ring": lambda: (d2 <= r**2) & (d2 >= (0.55 * r) ** 2),
+            "cross": lambda: ((abs(dy) <= 0.25 * r) | (abs(dx) <= 0.25 * r)) & (box <= r),
+            "h-stripes": lambda: ((yy + phase) % period) < period / 2,
+            "v-stripes": lambda: ((xx + phase) % period) < period / 2,
+            "checker": lambda: (((yy + phase) // (period / 1.5) + (xx + phase) // (period / 1.5)) % 2) == 0,
+        }
+        mask = masks[SHAPE_CLASSES[c]]()
         color = np.clip(_SHAPE_COLORS[c] + rng.integers(-25, 26, size=3), 0, 255)
         background = rng.integers(0, 40, size=(3, 1, 1)) + rng.integers(0, 12, size=(3, S, S))
         images[i] = np.where(mask[None], color[:, None, None], background).astype(np.uint8)
@@ -171,8 +163,7 @@ def read_idx(path) -> np.ndarray:
 def load_fashion_mnist(root, split: str, image_size: int = 28):
     """Fashion-MNIST split -> uint8 (N, 1, S, S), int64 (N,). S = 28 keeps the images as they
     are; a larger S zero-pads them (the background is black), centred."""
-    img_file, lbl_file = FASHION_FILES[split]
-    images, labels = read_idx(Path(root) / img_file), read_idx(Path(root) / lbl_file)
+    images, labels = (read_idx(Path(root) / name) for name in FASHION_FILES[split])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{root}: expected images (N, 28, 28) and labels (N,), got "
                          f"{images.shape} and {labels.shape}")
@@ -188,8 +179,7 @@ def load_fashion_mnist(root, split: str, image_size: int = 28):
 # --- CIFAR-10: python pickles of {b"data": uint8 (10000, 3072), b"labels": [...]} -------------
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                 "truck")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
@@ -298,15 +288,7 @@ def _download(url: str, dest: Path):
     tmp = dest.with_name(dest.name + ".part")
     print(f"downloading {url} -> {dest}")
     urllib.request.urlretrieve(url, tmp)
-    os.replace(tmp, dest)
-
-
-def _find_data_dir(cfg, candidates, marker: str) -> Path | None:
-    """The first folder holding `marker`; None if none does."""
-    for c in ([cfg.data_dir] if cfg.data_dir else candidates):
-        if (Path(c) / marker).exists():
-            return Path(c)
-    return None
+    tmp.replace(dest)
 
 
 def _missing(name: str, looked, how_to_get: str):
@@ -326,15 +308,15 @@ def load_dataset(cfg, split: str, download_ok: bool = True):
         images, labels = make_shapes(n, cfg.image_size, seed=cfg.seed * 2 + (split == "test"))
         ds = TensorImages(torch.from_numpy(images), labels, SHAPE_CLASSES, hflip, cfg.seed, "shapes")
     elif cfg.dataset == "fashion-mnist":
-        candidates = ["/usr/share/datasets/fashion-mnist", "data/fashion-mnist"]
-        root = _find_data_dir(cfg, candidates, FASHION_FILES[split][0])
+        look = [cfg.data_dir] if cfg.data_dir else ["/usr/share/datasets/fashion-mnist", "data/fashion-mnist"]
+        root = next((Path(c) for c in look if (Path(c) / FASHION_FILES[split][0]).exists()), None)
         if root is None and cfg.download and download_ok:
             root = Path(cfg.data_dir or "data/fashion-mnist")
             for f in FASHION_FILES["train"] + FASHION_FILES["test"]:
                 if not (root / f).exists():
                     _download(FASHION_URL + f, root / f)
         if root is None:
-            raise _missing("Fashion-MNIST", [cfg.data_dir] if cfg.data_dir else candidates,
+            raise _missing("Fashion-MNIST", look,
                            "Install the Debian package `dataset-fashion-mnist` (it fills "
                            "/usr/share/datasets/fashion-mnist), or pass --download to fetch it "
                            "into data/fashion-mnist, or point --data_dir at a folder with "
@@ -344,8 +326,8 @@ def load_dataset(cfg, split: str, download_ok: bool = True):
     elif cfg.dataset == "cifar10":
         if cfg.image_size != 32:
             raise ValueError(f"CIFAR-10 images are 32x32; got --image_size {cfg.image_size}")
-        candidates = ["data/cifar-10-batches-py"]
-        look = [cfg.data_dir, os.path.join(cfg.data_dir, "cifar-10-batches-py")] if cfg.data_dir else candidates
+        look = ([cfg.data_dir, Path(cfg.data_dir) / "cifar-10-batches-py"] if cfg.data_dir
+                else ["data/cifar-10-batches-py"])
         root = next((Path(c) for c in look if (Path(c) / "test_batch").exists()), None)
         if root is None and cfg.download and download_ok:
             parent = Path(cfg.data_dir or "data")
@@ -368,9 +350,8 @@ def load_dataset(cfg, split: str, download_ok: bool = True):
             raise _missing(f"image folder '{sub}'", [Path(cfg.data_dir) / sub],
                            f"--data_dir must hold {sub}/<class>/<image files> (for ImageNet, "
                            "the validation images sorted into class folders).")
-        classes = None
-        if split != "train":                           # label order = the training folders'
-            classes = sorted(d.name for d in (Path(cfg.data_dir) / "train").iterdir() if d.is_dir())
+        # label order = the training folders' (the train split's own: ImageFolder's default)
+        classes = sorted(d.name for d in (Path(cfg.data_dir) / "train").iterdir() if d.is_dir())
         ds = ImageFolder(Path(cfg.data_dir) / sub, cfg.image_size, hflip, cfg.seed, classes)
     if cfg.subset:
         ds = _Subset(ds, cfg.subset)
@@ -382,8 +363,7 @@ class _Subset(torch.utils.data.Dataset):
 
     def __init__(self, ds, n: int):
         self.ds, self.n, self.num_classes = ds, min(n, len(ds)), ds.num_classes
-        self.class_names = ds.class_names
-        self.labels = ds.labels[:self.n]
+        self.class_names, self.labels = ds.class_names, ds.labels[:self.n]
 
     def __len__(self):
         return self.n
@@ -416,9 +396,6 @@ class ShardedSampler:
         self.steps_per_epoch = n // global_batch
         self._perm_epoch, self._perm = None, None
 
-    def state_dict(self) -> dict:
-        return {"n": self.n, "global_batch": self.global_batch, "seed": self.seed}
-
     def batch(self, step: int) -> tuple[int, list[int]]:
         """-> (epoch, this rank's item indices for optimizer step `step`)."""
         epoch, pos = divmod(step, self.steps_per_epoch)
@@ -429,31 +406,20 @@ class ShardedSampler:
         return epoch, chunk[self.rank::self.world_size].tolist()
 
 
-class _StepBatches:
-    """Batch sampler for a DataLoader: yields the keys [(index, epoch), ...] of steps
-    start..end-1 (the training view of every item; see the key convention at the top)."""
-
-    def __init__(self, sampler: ShardedSampler, start: int, end: int):
-        self.sampler, self.start, self.end = sampler, start, end
-
-    def __len__(self):
-        return self.end - self.start
-
-    def __iter__(self):
-        for step in range(self.start, self.end):
-            epoch, idx = self.sampler.batch(step)
-            yield [(i, epoch) for i in idx]
-
-
 def step_loader(ds, sampler: ShardedSampler, start: int, end: int, num_workers: int = 0, pin: bool = False):
     """Iterate the training batches of steps start..end-1 -> (images (B,C,H,W), labels (B,)).
 
-    The DataLoader gets its own generator: otherwise starting it draws a seed from the global
-    RNG, and a resumed run would see different dropout noise than an uninterrupted one.
+    Its batch sampler yields, step by step, the keys [(index, epoch), ...] of the step's items:
+    the training view of every item (see the key convention at the top). The DataLoader gets its
+    own generator: otherwise starting it draws a seed from the global RNG, and a resumed run
+    would see different dropout noise than an uninterrupted one.
     """
-    return torch.utils.data.DataLoader(ds, batch_sampler=_StepBatches(sampler, start, end),
-                                       num_workers=num_workers, pin_memory=pin,
-                                       generator=torch.Generator().manual_seed(sampler.seed))
+    def step_keys():
+        for step in range(start, end):
+            epoch, idx = sampler.batch(step)
+            yield [(i, epoch) for i in idx]
+    return torch.utils.data.DataLoader(ds, batch_sampler=step_keys(), num_workers=num_workers,
+                                       pin_memory=pin, generator=torch.Generator().manual_seed(sampler.seed))
 
 
 # ============================================================================================
@@ -621,9 +587,7 @@ def save_loss_plot(history: list, path, title: str) -> None:
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
     ax.plot(h[:, 0], h[:, 1])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
+    ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -662,8 +662,7 @@ class VARBlock(nn.Module):
         self.ffn = FFN(C, cfg.mlp_ratio)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))       # 2 branches x 3 vectors
 
-    def adaln(self, cond_BC):
-        return adaln_modulation(self.ada_lin, cond_BC, self.drop_path_rate, self.training)
+    adaln = Block.adaln                   # the same AdaLN, from this block's own ada_lin
 
     def forward(self, x, cond_BC, spans):
         """x (B, L, C), cond_BC (B, C) -> (B, L, C), as Block.forward."""

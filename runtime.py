@@ -14,8 +14,8 @@ The plumbing of train.py and sample.py; nothing in this file is part of the meth
     never interrupted (rng_state, gather_rng, restore_rng);
   * loading state dicts with errors a person can act on (load_state_dict_checked);
   * the models of a train.py run folder (load_trained_tokenizer, load_generator), and the trained
-    Fashion-MNIST models shipped in weights/fashion-mnist/ (SHIPPED, shippable_copy), which the
-    same two functions load;
+    Fashion-MNIST models shipped in weights/fashion-mnist/ (SHIPPED; weights/make.py makes them),
+    which the same two functions load;
   * the officially released weights: VAR's tokenizer (load_var_checkpoint) and the M-VAR / VAR
     generators (load_official_checkpoint), with every architecture setting read from the files
     themselves (official_generator_config, var_tokenizer_config; load_official does both);
@@ -143,11 +143,9 @@ def amp_setup(cfg, device: torch.device):
         prec = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if prec == "fp32":
         return None, None
-    if prec == "fp16":
-        if device.type != "cuda":
-            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-        return torch.float16, torch.amp.GradScaler("cuda")
-    return torch.bfloat16, None
+    if prec == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return (torch.float16, torch.amp.GradScaler("cuda")) if prec == "fp16" else (torch.bfloat16, None)
 
 
 def autocast(device: torch.device, dtype):
@@ -202,19 +200,16 @@ STAGE2_FIELDS = DATA_FIELDS + ("arch", "depth", "width", "num_heads", "d_state",
                                "gen_batch", "base_lr", "warmup_frac", "end_lr_ratio", "weight_decay",
                                "weight_decay_end", "grad_clip", "alng", "drop_path", "cond_drop")
 LENGTH_FIELDS = ("gen_epochs", "gen_steps")
-RUNTIME_FIELDS = ("preset", "stage", "out_dir", "device", "precision", "compile", "max_minutes",
-                  "stop_after", "log_every", "ckpt_every", "image_every", "num_workers", "download",
-                  "data_dir", "vae_ckpt", "eval_images", "grad_accum", "guidance", "top_k", "top_p",
-                  "samples_per_class")
+RUNTIME_FIELDS = ("preset", "stage", "out_dir", "device", "precision", "compile", "max_minutes", "stop_after",
+                  "log_every", "ckpt_every", "image_every", "num_workers", "download", "data_dir", "vae_ckpt",
+                  "eval_images", "grad_accum", "guidance", "top_k", "top_p", "samples_per_class")
 
 
 def _parse_bool(s: str) -> bool:
     v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {s!r}")
+    if v not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {s!r}")
+    return v in ("1", "true", "yes", "on")
 
 
 def _tuple_parser(kind):
@@ -247,20 +242,15 @@ def parse_config_args(argv, config_class, presets: dict, make_config, descriptio
         description=description + " Presets: " + ", ".join(presets),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(config_class):
-        default, help_ = getattr(defaults, f.name), f.metadata["help"]
-        flag = "--" + f.name
+        default = getattr(defaults, f.name)
+        how = dict(type=type(default), choices=f.metadata.get("choices"))     # a str, int or float
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
-                                help=help_, metavar="0|1")
-            parser.add_argument("--no-" + f.name, dest=f.name, action="store_false",
-                                help=argparse.SUPPRESS)
+            how = dict(type=_parse_bool, nargs="?", const=True, metavar="0|1")
         elif isinstance(default, tuple):
-            kind = type(default[0]) if default else int
-            parser.add_argument(flag, type=_tuple_parser(kind), default=default, help=help_,
-                                metavar="A,B,...")
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_,
-                                choices=f.metadata.get("choices"))
+            how = dict(type=_tuple_parser(type(default[0]) if default else int), metavar="A,B,...")
+        parser.add_argument("--" + f.name, default=default, help=f.metadata["help"], **how)
+        if isinstance(default, bool):   # --no-flag too (added second, so --flag's default counts)
+            parser.add_argument("--no-" + f.name, dest=f.name, action="store_false", help=argparse.SUPPRESS)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [o for a in parser._actions for o in a.option_strings]
@@ -364,8 +354,7 @@ def check_same_run(saved: dict, now: dict, path, defining) -> None:
     if "arch" in defining and saved.get("arch", now["arch"]) != now["arch"]:
         raise ValueError(f"{path} holds a {saved['arch']!r} generator but this run asks for "
                          f"--arch {now['arch']}; pass --arch {saved['arch']} or use another --out_dir")
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in defining
-            if saved.get(k) != now[k]]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in defining if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"{path} was written by a run with other settings:\n  " + "\n  ".join(diff)
                          + "\nResume with the same settings, or choose another --out_dir (to train "
@@ -635,20 +624,6 @@ def sampling_defaults(ck: dict) -> dict:
 # `python weights/make.py`; weights/fashion-mnist/PROVENANCE.md says how and how well).
 SHIPPED = Path(__file__).resolve().parent / "weights" / "fashion-mnist"
 REGENERATE = "python weights/make.py"
-
-
-def shippable_copy(ck: dict, **extra) -> dict:
-    """A finished train.py checkpoint -> the weights-only copy that weights/ ships: the config,
-    the class names and the weights, floating tensors in float16 (half the bytes; load_state_dict
-    casts them back to float32), without the optimizer state, RNG states and loss history.
-    load_trained_tokenizer / load_generator read it like the checkpoint it came from."""
-    if not ck.get("done"):
-        raise ValueError(f"only a finished run can be shipped (this one is at step {ck.get('step')} "
-                         f"of {ck.get('total_steps')})")
-    half = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
-    keep = {k: ck[k] for k in ("kind", "config", "class_names", "tokenizer_path", "step", "total_steps")
-            if k in ck}
-    return {**keep, "model": half, "done": True, **extra}
 
 
 # --------------------------------------------------------------------------------------------

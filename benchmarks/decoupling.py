@@ -325,7 +325,8 @@ def summarise(args) -> dict:
     summary = {"steps": args.steps, "schedule_steps": results[args.variants[0]][0]["schedule_steps"],
                "seeds": args.seeds, "eval_every": args.eval_every, "curve_images": EVAL_IMAGES_CURVE,
                "samples": results[args.variants[0]][0]["samples"], "real_images": judge["real"],
-               "command": "python benchmarks/decoupling.py " + " ".join(sys.argv[1:]), "variants": {}}
+               "command": (f"python benchmarks/decoupling.py --steps {args.steps} --eval_every {args.eval_every} "
+                           f"--seeds {' '.join(map(str, args.seeds))}"), "variants": {}}
     for n, rs in results.items():
         K = len(rs[0]["per_scale_loss"])
         summary["variants"][n] = {
@@ -364,11 +365,12 @@ def print_table(summary: dict) -> None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Training loss (smoothed) and validation loss against the step, one colour per variant,
-    one line per seed."""
+    """Three panels against the step, one colour per variant, one line per seed: the training loss
+    (a moving mean), the validation loss, and the validation loss minus M-VAR's of the same seed."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4))
-    ax_train, ax_val = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.2))
+    ax_train, ax_val, ax_diff = fig.subplots(1, 3)
+    base = summary["variants"]["mvar"]["curves"] if "mvar" in summary["variants"] else None
     for i, v in enumerate(summary["variants"].values()):
         for seed, (hist, curve) in enumerate(zip(v["train_loss"], v["curves"])):
             steps, losses = zip(*hist) if hist else ((), ())
@@ -378,9 +380,17 @@ def plot(summary: dict, path: Path) -> None:
             label = v["label"] if seed == 0 else None
             ax_train.plot(steps, smooth, color=f"C{i}", alpha=0.8, label=label)
             ax_val.plot(*zip(*curve), "o-", color=f"C{i}", alpha=0.8, ms=3, label=label)
-    ax_train.set_title("training loss (mean over 100 steps)")
+            if base:
+                ax_diff.plot([s for s, _ in curve], [a - b for (_, a), (_, b) in zip(curve, base[seed])],
+                             "o-", color=f"C{i}", alpha=0.8, ms=3, label=label)
+    ends = [min(line.get_ydata()) for line in ax_train.lines if len(line.get_ydata())]
+    if ends:
+        ax_train.set_ylim(min(ends) - 0.05, min(ends) + 1.0)      # the part where the variants differ
+    ax_train.set_title("training loss (moving mean of 100 steps)")
     ax_val.set_title(f"validation loss ({summary['curve_images']} test images)")
-    for ax in (ax_train, ax_val):
+    ax_diff.set_title("validation loss minus M-VAR's (same seed)")
+    ax_diff.axhline(0, color="k", lw=0.8)
+    for ax in (ax_train, ax_val, ax_diff):
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats per token)")
         ax.grid(alpha=0.3)

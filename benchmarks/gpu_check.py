@@ -87,14 +87,15 @@ def timed_training(argv: list, out: Path) -> dict:
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
-def run_script(cmd: list, log: Path, env=None) -> dict:
-    """A benchmark or pytest in its own process; its output goes to `log`."""
+def run_script(cmd: list, log: Path, env=None, summary=False) -> dict:
+    """A benchmark or pytest in its own process; its output goes to `log`. The row shows pytest's
+    summary line (summary=True), or names the log that holds the benchmark's table."""
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     log.write_text(done.stdout + done.stderr)
     if done.returncode:
         raise RuntimeError(f"exit {done.returncode}: see {log}")
     last = [line for line in done.stdout.strip().splitlines() if line.strip()]
-    return {"output": last[-1][:90] if last else ""}
+    return {"output": last[-1][:90] if summary and last else f"its table: {log}"}
 
 
 def main(argv=None) -> int:
@@ -152,9 +153,9 @@ def main(argv=None) -> int:
         ("sampling", lambda: run_script([py, str(bench / "generate.py"), "--device", device, *gen],
                                         out / "generate.log")),
         ("device tests", lambda: run_script([py, "-m", "pytest", "-q", "tests/test_device.py"],
-                                            out / "device_tests.log", env)),
-        ("quick suite", (lambda: run_script([py, "-m", "pytest", "-q"], out / "quick_suite.log", env))
-         if not tiny else None),
+                                            out / "device_tests.log", env, summary=True)),
+        ("quick suite", (lambda: run_script([py, "-m", "pytest", "-q"], out / "quick_suite.log", env,
+                                            summary=True)) if not tiny else None),
     ]
 
     rows, failed = [], False

@@ -10,7 +10,7 @@ this after an intentional change to what the models compute; the regression test
   1. train, exactly as README's recipe (each command resumes, and returns at once when its run is
      finished): the tokenizer stage, then M-VAR on its token cache (these two are
      `python train.py --preset fashion-mnist`), then VAR on the same tokens;
-  2. ship: weights-only float16 copies (runtime.shippable_copy) into weights/fashion-mnist/,
+  2. ship: weights-only float16 copies (shippable_copy) into weights/fashion-mnist/,
      with the sampling setting below as the models' default;
   3. record what the shipped models compute on a fixed slice of the Fashion-MNIST test set
      (32 images, the token maps of 512): tests/reference/fashion_mnist_shipped.pt;
@@ -74,16 +74,30 @@ def train_all(run: Path) -> dict:
     return times
 
 
+def shippable_copy(ck: dict, **extra) -> dict:
+    """A finished train.py checkpoint -> the weights-only copy that weights/ ships: the config,
+    the class names and the weights, floating tensors in float16 (half the bytes; load_state_dict
+    casts them back to float32), without the optimizer state, RNG states and loss history.
+    runtime.load_trained_tokenizer / load_generator read it like the checkpoint it came from."""
+    if not ck.get("done"):
+        raise ValueError(f"only a finished run can be shipped (this one is at step {ck.get('step')} "
+                         f"of {ck.get('total_steps')})")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
+    keep = {k: ck[k] for k in ("kind", "config", "class_names", "tokenizer_path", "step", "total_steps")
+            if k in ck}
+    return {**keep, "model": half, "done": True, **extra}
+
+
 def ship(run: Path, dest: Path) -> None:
     """Step 2: RUN/{tokenizer,mvar,var}.pt -> weights-only float16 copies in dest/. A generator
     names its tokenizer by sha256, so the tokenizer goes first."""
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer = runtime.load_checkpoint(run / "tokenizer.pt", "tokenizer")
-    runtime.save_checkpoint(runtime.shippable_copy(tokenizer), dest / "tokenizer.pt")
+    runtime.save_checkpoint(shippable_copy(tokenizer), dest / "tokenizer.pt")
     sha = runtime.file_digest(dest / "tokenizer.pt")
     for arch in ("mvar", "var"):
         ck = runtime.load_checkpoint(run / f"{arch}.pt", "generator")
-        runtime.save_checkpoint(runtime.shippable_copy(ck, tokenizer_sha256=sha, sampling=SAMPLING),
+        runtime.save_checkpoint(shippable_copy(ck, tokenizer_sha256=sha, sampling=SAMPLING),
                                 dest / f"{arch}.pt")
 
 
