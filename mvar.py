@@ -16,9 +16,9 @@ Words. A *scale* is one level of the token pyramid, and nothing else. AdaLN comp
 LN(x) * (1 + gain) + shift and multiplies a branch's output by a *gate*; attention multiplies
 q . k by a *temperature*; classifier-free guidance has a strength, *guidance*.
 
-Shape letters, the sizes in docstrings and shape comments: one meaning each in the whole project
-(written lower case in einsum / einops strings, except L, which stays L there so as not to read as l;
-so h in those strings is H, the heads):
+Shape letters, the sizes in docstrings and shape comments: one meaning each in the four chapters
+(mvar.py, tokenizer.py, train.py, sample.py), written lower case in einsum / einops strings (so h
+there is H, the heads), except L, which stays L there so as not to read as l:
   B    batch                                 C     model width (d_model)
   K    number of scales                      V     codebook size (vocab_size)
   pn   side of one scale's token map         Cvae  tokenizer latent channels
@@ -31,12 +31,15 @@ so h in those strings is H, the heads):
   r    SSM heads per group, H / G            Q     chunk length of the parallel scan
   c    number of chunks
 Indices: k a scale, i and j token positions (i receives, j sends), h a head (A_h, D_h), m a chunk,
-t a step of the loop. Two names keep a second meaning, as everywhere in the literature: attention's
-q, k, v (queries, keys, values: tensors, so k is never an index there), and tokenizer.py's h, w,
-the latent's height and width (its chapter's letters; never in this file). The SSM's matrices,
-A B C D in the Mamba-2 paper, are A, Bm, Cm, D here, also inside names (CmBm, Bm_c), so that B
-and C stay sizes. A name's suffix gives its shape, as in the official code: pos_1LC is (1, L, C),
-cond_BC is (B, C). Cimg and S (image channels and side) are tokenizer.py's.
+t a step of the loop. Three letters keep a second meaning, listed here: attention's q, k, v
+(queries, keys, values: tensors, so k is never an index there); h, w, tokenizer.py's latent height
+and width (never used so in this file); and M, here the SSM's (L, L) matrix (ssd_attention_matrix,
+the Mamba-2 paper's name), in tokenizer.py a count of vectors. The SSM's matrices, A B C D in the
+Mamba-2 paper, are A, Bm, Cm, D here, also inside names (CmBm, Bm_c), so that B and C stay sizes.
+A block's residual lines are numbered from 0 in the code (Block.ATTN_LINE = 0, MAMBA_LINE = 1,
+FFN_LINE = 2) where the paper writes gate_1, gate_2, gate_3. A name's suffix gives its shape, as
+in the official code: pos_1LC is (1, L, C), cond_BC is (B, C). Cimg and S (image channels and
+side) are tokenizer.py's.
 
 Map 1, the papers to this file:
   Mamba-2, the SSM recurrence (a scalar decay per head), a loop    ssd_scan_sequential
@@ -45,7 +48,7 @@ Map 1, the papers to this file:
   Mamba-2 §4-5, state space duality: the SSM as a masked attention ssd_attention_matrix,
     matrix (its "hidden attention", arXiv 2403.01590)              Mamba2.hidden_attention
   Mamba-2 §7, the Mamba-2 layer (projections, conv, gated norm)    Mamba2, GatedRMSNorm
-  M-VAR method, intra-scale modeling: bidirectional attention      ScaleAttention.forward (the
+  M-VAR method, intra-scale modeling: bidirectional attention      ScaleAttention.attend (the
     restricted to one scale                                        rule), attention_pairs
   M-VAR method, inter-scale modeling: Mamba over all scales        Block (second residual line)
   M-VAR method, the block: three AdaLN-modulated, gated residual   Block.forward, adaln_modulation
@@ -72,7 +75,8 @@ Map 2, the official code's names to this file's:
   sample_with_top_k_top_p_, gumbel_softmax_with_rng top_k_top_p_filter, sample_top_k_top_p,
                                                     gumbel_softmax
   DropPath                                          adaln_modulation's gate
-  AdaLN's gamma1, scale1, shift1 (and 2, 3)         gate, gain, shift of branch 1 (2, 3)
+  AdaLN's gamma1, scale1, shift1 (and 2, 3)         gate, gain, shift of ATTN_LINE (MAMBA_LINE,
+                                                    FFN_LINE)
   cfg (the sampler's argument)                      guidance
 State-dict keys are the official ones: among them `scale_mul_1H11` (the log of the attention
 temperature), `ada_lin` (the AdaLN rows: gates, gains, shifts), `mat_qkv`, `q_bias`, `v_bias`,
@@ -190,7 +194,7 @@ def ssd_scan_parallel(x, dt, A, Bm, Cm, D=None, initial_state=None, chunk_size=6
       1. the matrix form inside each chunk (one (Q, Q) matmul per chunk and head),
       2. the state at each chunk's end from that chunk's own tokens (one matmul),
       3. a short loop over the c chunk states to pass them on from chunk to chunk,
-      4. the carried-in state's contribution to every token of the chunk (one matmul).
+      4. the entering state's contribution to every token of the chunk (one matmul).
     Steps 1, 2 and 4 are matmuls over all chunks at once; step 3 touches only c states. (In the
     steps' comments below, i and j count from 0 inside each chunk.)
     Work is O(L Q P + L P N) per head plus O(L Q N) per group (Cm Bm^T), and no (B, L, H, P, N)
@@ -249,7 +253,7 @@ def ssd_scan_parallel(x, dt, A, Bm, Cm, D=None, initial_state=None, chunk_size=6
         state = decay_m * state + own_m
     state_in = torch.stack(state_in, dim=3)                             # (B, G, r, c, P, N)
 
-    # 4. What the carried-in state adds inside each chunk: y_i += exp(a_0 + ... + a_i) state_in @ Cm_i
+    # 4. What the entering state adds inside each chunk: y_i += exp(a_0 + ... + a_i) state_in @ Cm_i
     #    (a cumsum from the chunk's start: a sum of terms <= 0, safe to exponentiate; it scales Cm_i).
     Cm_from_start = Cm_c * torch.exp(a.cumsum(dim=-1))[..., None].to(cdtype)   # (B, G, r, c, Q, N)
     y = y + Cm_from_start @ state_in.to(cdtype).transpose(-1, -2)             # (B, G, r, c, Q, P)
@@ -592,19 +596,21 @@ class FFN(nn.Module):
 
 
 def adaln_modulation(ada_lin, cond_BC, drop_path_rate: float, training: bool):
-    """AdaLN for a block of n branches: ada_lin(cond_BC) (B, 3nC) -> the n gates, n gains and n
-    shifts (each (B, 1, n, C)), and two functions of branch i, for x, y (B, L, C):
-      norm(x, i) = LN(x) (1 + gain_i) + shift_i     the branch's input;
-      gate(y, i) = gate_i y                         its output, before the residual add. In
+    """AdaLN for a block of several residual lines ("branches"): ada_lin(cond_BC) (B, 3 x branches
+    x C) -> a gate, a gain and a shift per branch (each (B, 1, branches, C)), and two functions of
+    the branch numbered `line` (0, 1, ...; the paper's gate_1, gate_2, ... are lines 0, 1, ...),
+    for x, y (B, L, C):
+      norm(x, line) = LN(x) (1 + gain) + shift     the branch's input;
+      gate(y, line) = gate * y                     its output, before the residual add. In
         training it also drops the branch for some samples (drop-path, or stochastic depth: 0
         with probability drop_path_rate, else divided by 1 - drop_path_rate, which keeps the mean).
     """
     B, C = cond_BC.shape
     gates, gains, shifts = ada_lin(cond_BC).view(B, 1, 3, -1, C).unbind(2)
-    norm = lambda x, i: F.layer_norm(x, (C,), eps=1e-6) * (1 + gains[:, :, i]) + shifts[:, :, i]
+    norm = lambda x, line: F.layer_norm(x, (C,), eps=1e-6) * (1 + gains[:, :, line]) + shifts[:, :, line]
 
-    def gate(y, i):
-        y = y * gates[:, :, i]
+    def gate(y, line):
+        y = y * gates[:, :, line]
         if training and drop_path_rate > 0:
             keep = y.new_empty(B, 1, 1).bernoulli_(1 - drop_path_rate)
             y = y * keep / (1 - drop_path_rate)
@@ -615,7 +621,7 @@ def adaln_modulation(ada_lin, cond_BC, drop_path_rate: float, training: bool):
 class Block(nn.Module):
     """One M-VAR block (the official AdaLNSelfAttn): attention inside each scale, Mamba-2 over the
     whole sequence, and an FFN, each conditioned on the class through AdaLN."""
-    ATTN, MAMBA, FFN = 0, 1, 2            # the branches, in ada_lin's order
+    ATTN_LINE, MAMBA_LINE, FFN_LINE = 0, 1, 2      # the residual lines, in ada_lin's order
 
     def __init__(self, cfg: MVARConfig, drop_path_rate: float):
         super().__init__()
@@ -627,33 +633,33 @@ class Block(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 9 * C))       # 3 branches x 3 vectors
 
     def adaln(self, cond_BC):
-        """cond_BC (B, C) -> norm(x, i), gate(y, i) of branch i (adaln_modulation)."""
+        """cond_BC (B, C) -> norm(x, line), gate(y, line) (adaln_modulation)."""
         return adaln_modulation(self.ada_lin, cond_BC, self.drop_path_rate, self.training)
 
     def forward(self, x, cond_BC, spans):
         """Teacher-forced pass (training, evaluation), the three lines above: x (B, L, C) holds
         every scale listed in `spans`, cond_BC (B, C) is the class embedding -> (B, L, C)."""
         norm, gate = self.adaln(cond_BC)
-        x = x + gate(self.attn(norm(x, self.ATTN), spans), self.ATTN)    # inside each scale
-        x = x + gate(self.mamba(norm(x, self.MAMBA))[0], self.MAMBA)     # over the whole sequence
-        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN)
+        x = x + gate(self.attn(norm(x, self.ATTN_LINE), spans), self.ATTN_LINE)    # inside each scale
+        x = x + gate(self.mamba(norm(x, self.MAMBA_LINE))[0], self.MAMBA_LINE)     # over the whole sequence
+        return x + gate(self.ffn(norm(x, self.FFN_LINE)), self.FFN_LINE)
 
     def forward_one_scale(self, x, cond_BC, state=None):
         """Sampling: the same three lines on one new scale x (B, l, C), given the Mamba2State the
         earlier scales left (None before the first scale), of fixed size however many came
         before -> (x, the state to carry to the next scale). Its rows equal `forward`'s."""
         norm, gate = self.adaln(cond_BC)
-        x = x + gate(self.attn(norm(x, self.ATTN), [(0, x.shape[1])]), self.ATTN)   # x: one scale
-        y, state = self.mamba(norm(x, self.MAMBA), state)         # Mamba goes on from its state
-        x = x + gate(y, self.MAMBA)
-        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN), state
+        x = x + gate(self.attn(norm(x, self.ATTN_LINE), [(0, x.shape[1])]), self.ATTN_LINE)   # x: one scale
+        y, state = self.mamba(norm(x, self.MAMBA_LINE), state)         # Mamba goes on from its state
+        x = x + gate(y, self.MAMBA_LINE)
+        return x + gate(self.ffn(norm(x, self.FFN_LINE)), self.FFN_LINE), state
 
 
 class VARBlock(nn.Module):
     """VAR's block (the official AdaLNSelfAttn of VAR), the baseline: Block without the Mamba line,
     and with VAR's block-causal attention (a scale sees itself and every coarser scale). Two
     branches, so ada_lin gives 6 vectors. The same modules and names otherwise."""
-    ATTN, FFN = 0, 1
+    ATTN_LINE, FFN_LINE = 0, 1
 
     def __init__(self, cfg: MVARConfig, drop_path_rate: float):
         super().__init__()
@@ -667,16 +673,16 @@ class VARBlock(nn.Module):
     def forward(self, x, cond_BC, spans):
         """x (B, L, C), cond_BC (B, C) -> (B, L, C), as Block.forward."""
         norm, gate = self.adaln(cond_BC)
-        x = x + gate(self.attn(norm(x, self.ATTN), spans), self.ATTN)    # own and coarser scales
-        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN)
+        x = x + gate(self.attn(norm(x, self.ATTN_LINE), spans), self.ATTN_LINE)    # own and coarser scales
+        return x + gate(self.ffn(norm(x, self.FFN_LINE)), self.FFN_LINE)
 
     def forward_one_scale(self, x, cond_BC, kv_cache=None):
         """Sampling one new scale x (B, l, C), given the attention's keys and values of the earlier
         scales (None before the first), which grow with every scale -> (x, the grown cache)."""
         norm, gate = self.adaln(cond_BC)
-        y, kv_cache = self.attn.attend(norm(x, self.ATTN), [(0, x.shape[1])], kv_cache)
-        x = x + gate(y, self.ATTN)
-        return x + gate(self.ffn(norm(x, self.FFN)), self.FFN), kv_cache
+        y, kv_cache = self.attn.attend(norm(x, self.ATTN_LINE), [(0, x.shape[1])], kv_cache)
+        x = x + gate(y, self.ATTN_LINE)
+        return x + gate(self.ffn(norm(x, self.FFN_LINE)), self.FFN_LINE), kv_cache
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -722,7 +728,7 @@ class MVAR(nn.Module):
         self.register_buffer("lvl_1L", lvl.view(1, L), persistent=False)
 
         # drop-path rate grows linearly with depth: 0 for the first block, cfg.drop_path last
-        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        rates = [cfg.drop_path * layer / max(cfg.depth - 1, 1) for layer in range(cfg.depth)]
         block = Block if cfg.arch == "mvar" else VARBlock
         self.blocks = nn.ModuleList(block(cfg, rate) for rate in rates)
         self.head_nm = AdaLNBeforeHead(C)
@@ -733,13 +739,13 @@ class MVAR(nn.Module):
     @torch.no_grad()
     def _init_weights(self, std: float):
         cfg, C = self.cfg, self.cfg.width
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):   # 1. every Linear, Mamba's projections too
-                nn.init.trunc_normal_(m.weight, std=std)
-            elif isinstance(m, nn.Conv1d):                  # 2. every conv (Mamba's conv1d): std 0.02
-                nn.init.trunc_normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None and isinstance(m, (nn.Linear, nn.Conv1d)):
-                m.bias.zero_()                              #    and all their biases 0
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):   # 1. every Linear, Mamba's projections too
+                nn.init.trunc_normal_(module.weight, std=std)
+            elif isinstance(module, nn.Conv1d):                  # 2. every conv (Mamba's conv1d): 0.02
+                nn.init.trunc_normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None and isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.bias.zero_()                              #    and all their biases 0
         for pos in (self.pos_start, self.pos_1LC):          # 3. position embeddings
             nn.init.trunc_normal_(pos, std=std)
         self.head.weight.mul_(cfg.head_init)                # 4. small logits at the start

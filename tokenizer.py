@@ -125,7 +125,8 @@ class TokenizerConfig:
 
     def to_dict(self) -> dict:
         """A plain, JSON-able dict (tuples become lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenizerConfig:

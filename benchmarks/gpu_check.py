@@ -19,9 +19,9 @@ Each row: ok or FAILED, wall seconds, and what it measured (median ms per traini
 last training loss against the first, peak GPU memory). A failing check does not stop the
 others; the exit status is 1 if any failed. Every subprocess's output is kept in --out.
 
-    python benchmarks/gpu_check.py                 # on a CUDA machine: about 10 minutes on one H100
+    python benchmarks/gpu_check.py                 # on a CUDA machine (its time there: not measured yet)
     python benchmarks/gpu_check.py --steps 500     # more training steps per precision
-    python benchmarks/gpu_check.py --tiny          # the CPU form (what CI runs): about a minute
+    python benchmarks/gpu_check.py --tiny          # the CPU form (what CI runs): about half a minute
 
 On a machine without CUDA the tiny form runs whatever the flags say: fp32 and bf16 training
 (fp16 and the GradScaler need CUDA, the row says so), no compile, small benchmark settings, the

@@ -29,12 +29,12 @@ def forward_one_scale_rerun(block, x, cond_BC, prefix=None):
     so far, C): the Mamba inputs of every earlier scale, or None before the first one.
     -> (x after the block, prefix with this scale's Mamba input appended)."""
     norm, gate = block.adaln(cond_BC)
-    x = x + gate(block.attn(norm(x, block.ATTN), [(0, x.shape[1])]), block.ATTN)   # inside the scale
-    u = norm(x, block.MAMBA)
+    x = x + gate(block.attn(norm(x, block.ATTN_LINE), [(0, x.shape[1])]), block.ATTN_LINE)   # in the scale
+    u = norm(x, block.MAMBA_LINE)
     prefix = u if prefix is None else torch.cat([prefix, u], dim=1)
     # Mamba over the whole prefix from an empty state; only the new scale's rows are kept
-    x = x + gate(block.mamba(prefix)[0][:, -x.shape[1]:], block.MAMBA)
-    return x + gate(block.ffn(norm(x, block.FFN)), block.FFN), prefix
+    x = x + gate(block.mamba(prefix)[0][:, -x.shape[1]:], block.MAMBA_LINE)
+    return x + gate(block.ffn(norm(x, block.FFN_LINE)), block.FFN_LINE), prefix
 
 
 @torch.no_grad()

@@ -122,18 +122,18 @@ def test_attention_pairs_match_brute_force_masks():
 
 # ----- 2. the sampler's caches equal the teacher-forced pass ------------------------------
 
-@pytest.mark.parametrize("arch,cfg,mode", [("mvar", 0.0, "carry"), ("mvar", 2.0, "carry"),
-                                           ("mvar", 2.0, "rerun"), ("var", 0.0, "carry"),
-                                           ("var", 2.0, "carry")])
-def test_sampling_logits_equal_teacher_forced_logits(tokenizer, arch, cfg, mode):
+@pytest.mark.parametrize("arch,guidance,mode", [("mvar", 0.0, "carry"), ("mvar", 2.0, "carry"),
+                                                ("mvar", 2.0, "rerun"), ("var", 0.0, "carry"),
+                                                ("var", 2.0, "carry")])
+def test_sampling_logits_equal_teacher_forced_logits(tokenizer, arch, guidance, mode):
     model = tiny_model(arch)
     labels = torch.tensor([0, 4, 2])
     g = torch.Generator().manual_seed(0)
     sample = rerun_sampler.sample_tokens if mode == "rerun" else MVAR.sample_tokens
-    out = sample(model, tokenizer, labels, guidance=cfg, top_k=0, top_p=0.0, generator=g,
+    out = sample(model, tokenizer, labels, guidance=guidance, top_k=0, top_p=0.0, generator=g,
                  return_logits=True)
     teacher = tokenizer.idx_to_teacher_input(out["idx"])
-    if cfg > 0:   # the sampler ran the conditional and the null class as one batch
+    if guidance > 0:   # the sampler ran the conditional and the null class as one batch
         labels = torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)])
         teacher = torch.cat([teacher, teacher])
     with torch.no_grad():
