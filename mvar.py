@@ -16,8 +16,9 @@ Words. A *scale* is one level of the token pyramid, and nothing else. AdaLN comp
 LN(x) * (1 + gain) + shift and multiplies a branch's output by a *gate*; attention multiplies
 q . k by a *temperature*; classifier-free guidance has a strength, *guidance*.
 
-Shape letters, the sizes in docstrings and shape comments: one meaning each in the four chapters
-(mvar.py, tokenizer.py, train.py, sample.py), written lower case in einsum / einops strings (so h
+Shape letters, the sizes in docstrings and shape comments: one meaning each as a size or an index
+in the four chapters (mvar.py, tokenizer.py, train.py, sample.py; throwaway names such as a dict
+comprehension's k, v are not held to it), written lower case in einsum / einops strings (so h
 there is H, the heads), except L, which stays L there so as not to read as l:
   B    batch                                 C     model width (d_model)
   K    number of scales                      V     codebook size (vocab_size)
@@ -37,7 +38,8 @@ and width (never used so in this file); and M, here the SSM's (L, L) matrix (ssd
 the Mamba-2 paper's name), in tokenizer.py a count of vectors. The SSM's matrices, A B C D in the
 Mamba-2 paper, are A, Bm, Cm, D here, also inside names (CmBm, Bm_c), so that B and C stay sizes.
 A block's residual lines are numbered from 0 in the code (Block.ATTN_LINE = 0, MAMBA_LINE = 1,
-FFN_LINE = 2) where the paper writes gate_1, gate_2, gate_3. A name's suffix gives its shape, as
+FFN_LINE = 2; VARBlock has no Mamba line, so its FFN_LINE is 1) where the paper writes gate_1,
+gate_2, gate_3. A name's suffix gives its shape, as
 in the official code: pos_1LC is (1, L, C), cond_BC is (B, C). Cimg and S (image channels and
 side) are tokenizer.py's.
 
@@ -325,9 +327,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y, z):
         fdtype = _state_dtype(y.dtype)                    # normalise in at least float32
-        v = (y * F.silu(z)).to(fdtype).unflatten(-1, (-1, self.group_size))  # (..., groups, size)
-        v = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (v.flatten(-2) * self.weight.to(fdtype)).to(y.dtype)
+        gated = (y * F.silu(z)).to(fdtype).unflatten(-1, (-1, self.group_size))  # (..., groups, size)
+        gated = gated * torch.rsqrt(gated.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (gated.flatten(-2) * self.weight.to(fdtype)).to(y.dtype)
 
 
 class Mamba2(nn.Module):
@@ -418,7 +420,7 @@ class Mamba2(nn.Module):
 # 3. Configuration
 # =====================================================================================
 # One dataclass holds every choice that changes the network. The defaults are M-VAR-d16's sizes on
-# ImageNet 256, the smallest model the M-VAR paper reports (the official code also trains a d12);
+# ImageNet 256, the smallest model the M-VAR paper reports;
 # the released d16 and d20 checkpoints were trained with attn_l2_norm=False (the official README
 # says so; runtime reads it from the file's keys), our default keeps VAR's cosine attention.
 # `depth` drives the rest (width = 64*depth, heads = depth), VAR's size rule, which M-VAR keeps,
@@ -451,7 +453,7 @@ class MVARConfig:
     scan_chunk: int = 64
 
     def __post_init__(self):
-        self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        self.patch_nums = tuple(int(pn) for pn in self.patch_nums)
         self.width = self.width if self.width > 0 else 64 * self.depth
         self.num_heads = self.num_heads if self.num_heads > 0 else self.depth
         self.drop_path = self.drop_path if self.drop_path >= 0 else 0.1 * self.depth / 24
@@ -460,7 +462,7 @@ class MVARConfig:
     @property
     def seq_len(self) -> int:
         """L = sum of pn^2 over scales (680 for the 256px pyramid, 2240 for 512px)."""
-        return sum(p * p for p in self.patch_nums)
+        return sum(pn * pn for pn in self.patch_nums)
 
     def to_dict(self) -> dict:
         """Plain types (patch_nums as a list), as checkpoints and JSON files store it."""
@@ -468,10 +470,10 @@ class MVARConfig:
                 for name, value in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MVARConfig":
+    def from_dict(cls, saved: dict) -> "MVARConfig":
         """The inverse of to_dict. A field this version does not know (a checkpoint written by
         another version of mvar.py) is a TypeError that names it."""
-        return cls(**d)
+        return cls(**saved)
 
 
 def scale_spans(patch_nums) -> list:
@@ -787,9 +789,9 @@ class MVAR(nn.Module):
                       generator=None, return_scales=False, return_logits=False):
         """Generate token maps scale by scale. labels: (B,) class ids.
 
-        Only the new scale's tokens go through the blocks (`Block.forward_one_scale`); what they
-        need from earlier scales is carried per block: the Mamba2State (M-VAR, fixed size), or the
-        attention KV cache (VAR, grows with the prefix). The official sampler's choices stay: CFG
+        Only the new scale's tokens go through the blocks (`Block.forward_one_scale`, VARBlock's
+        for VAR); what they need from earlier scales is carried per block: the Mamba2State (M-VAR,
+        fixed size), or the attention KV cache (VAR, grows with the prefix). The official sampler's choices stay: CFG
         with a strength ramped linearly over the scales, top-k / top-p, and the gumbel "more
         smooth" mode for pictures.
 
@@ -861,7 +863,7 @@ class MVAR(nn.Module):
 
 def top_k_top_p_filter(logits, top_k=0, top_p=0.0):
     """logits (B, l, V) -> a float32 copy with the excluded tokens at -inf.
-    top_k > 0 keeps the k most likely tokens; 0 < top_p < 1 keeps the smallest set of most
+    top_k > 0 keeps the top_k most likely tokens; 0 < top_p < 1 keeps the smallest set of most
     likely tokens whose probability reaches top_p (always at least the most likely one)."""
     logits = logits.float().clone()
     if top_k > 0:
@@ -885,8 +887,8 @@ def sample_top_k_top_p(logits, top_k=0, top_p=0.0, generator=None):
 
 def gumbel_softmax(logits, tau, generator=None):
     """Soft sample: softmax((logits + Gumbel noise) / tau) over the last dim, seedable."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1 - 1e-10)
-    return ((logits.float() - torch.log(-torch.log(u))) / tau).softmax(-1)
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1 - 1e-10)
+    return ((logits.float() - torch.log(-torch.log(uniform))) / tau).softmax(-1)
 
 
 def compute_loss(logits, idx_list):
@@ -914,7 +916,7 @@ def _check_config(cfg: MVARConfig):
     if cfg.width % cfg.num_heads or cfg.arch == "mvar" and cfg.expand * cfg.width % cfg.headdim:
         raise ValueError(f"width {cfg.width} must be divisible by num_heads {cfg.num_heads}, and expand * "
                          f"width = {cfg.expand * cfg.width} by headdim {cfg.headdim} (Mamba's heads)")
-    if len(pn) < 2 or any(b <= a for a, b in zip(pn, pn[1:])) or pn[0] < 1:
+    if len(pn) < 2 or any(finer <= coarser for coarser, finer in zip(pn, pn[1:])) or pn[0] < 1:
         raise ValueError(f"patch_nums must be two or more strictly increasing sizes, got {pn}")
 
 

@@ -50,7 +50,7 @@ Paper -> code
       over the scales, as VAR's and M-VAR's code do ................. --guidance, sample_tokens
   top-k / top-p (nucleus) sampling (Holtzman et al., arXiv 1904.09751) . --top_k, --top_p,
                                                       mvar.top_k_top_p_filter, sample_top_k_top_p
-  FID protocol of both papers: 50,000 samples, 50 per ImageNet class, cfg 1.5, top-k 900,
+  FID protocol of both papers: 50,000 samples, 50 per ImageNet class, guidance 1.5, top-k 900,
       top-p 0.96, scored by OpenAI's evaluator (guided-diffusion) ....... --npz 50000, runtime.OFFICIAL_FID
 Official code -> this code (VAR's repository, which M-VAR's code builds on)
   VAR.autoregressive_infer_cfg(B, label_B, g_seed, cfg, top_k, top_p, more_smooth)

@@ -22,8 +22,9 @@ the keys and shapes of VAR's released 256px tokenizer vae_ch160v4096z32.pth (its
 tests/reference/), which runtime.load_var_checkpoint loads strictly. The file itself was never
 loaded here (no download); tests/test_golden.py checks the quantizer against the official code.
 
-Shape letters (one meaning each in this file; mvar.py's glossary lists the two letters that mean
-something else there: its einsum strings write the heads H as h, and attention's keys are k):
+Shape letters (one meaning each as a size or an index in this file; mvar.py's glossary lists the
+letters that mean something else there: its einsum strings write the heads H as h, attention's
+keys are k, and M is its SSM matrix):
     B     batch
     Cimg  image channels (1 grey, 3 RGB; cfg.in_channels)
     S     image side: images are S x S (cfg.image_size)
