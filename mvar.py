@@ -791,9 +791,9 @@ class MVAR(nn.Module):
 
         Only the new scale's tokens go through the blocks (`Block.forward_one_scale`, VARBlock's
         for VAR); what they need from earlier scales is carried per block: the Mamba2State (M-VAR,
-        fixed size), or the attention KV cache (VAR, grows with the prefix). The official sampler's choices stay: CFG
-        with a strength ramped linearly over the scales, top-k / top-p, and the gumbel "more
-        smooth" mode for pictures.
+        fixed size), or the attention KV cache (VAR, grows with the prefix). The official
+        sampler's choices stay: CFG with a strength ramped linearly over the scales, top-k /
+        top-p, and the gumbel "more smooth" mode for pictures.
 
         Returns a dict: "idx" list of K (B, l) token maps (with more_smooth, the most likely code of
         each soft mixture; f_hat is built from the mixtures, not from these ids), "f_hat"

@@ -95,9 +95,10 @@ def sample_images(model, tokenizer, labels: torch.Tensor, batch: int, settings: 
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(labels), batch), desc=desc, disable=len(labels) <= batch):
         with autocast(device, amp_dtype):
-            out = model.generate(tokenizer, labels[start:start + batch].to(device), guidance=settings["guidance"],
-                                 top_k=settings["top_k"], top_p=settings["top_p"],
-                                 more_smooth=settings["more_smooth"], generator=gen, return_scales=strip)
+            out = model.generate(tokenizer, labels[start:start + batch].to(device),
+                                 guidance=settings["guidance"], top_k=settings["top_k"],
+                                 top_p=settings["top_p"], more_smooth=settings["more_smooth"],
+                                 generator=gen, return_scales=strip)
         img, scales = out if strip else (out, [])
         images.append(img.float().cpu())
         if strip:   # K pictures of (B, Cimg, S, S) -> (B, K, Cimg, S, S)

@@ -26,9 +26,10 @@ The three ideas of this chapter:
     each prediction sees exactly what sampling will give it -- with the difference that in
     sampling r_<k are the model's own draws (notebook 02 checks the logits agree).
   * The schedule (VAR's trainer, which M-VAR's official README says it keeps: "the
-    hyperparameters of training are the same as VAR"): AdamW with betas (0.9, 0.95), a peak learning rate that grows with the
-    batch (1e-4 per 256 images), a short linear warm-up (AdamW's early steps rest on noisy
-    moment estimates), then a linear decay; weight decay only on weight matrices.
+    hyperparameters of training are the same as VAR"): AdamW with betas (0.9, 0.95), a peak
+    learning rate that grows with the batch (1e-4 per 256 images), a short linear warm-up
+    (AdamW's early steps rest on noisy moment estimates), then a linear decay; weight decay only
+    on weight matrices.
   * Class dropout for classifier-free guidance: with probability cond_drop (0.1) the class is
     replaced by a null class (MVAR.forward), so one network also learns the unconditional
     distribution that guidance extrapolates away from when sampling (MVAR.sample_tokens).
@@ -343,7 +344,8 @@ def import_var_tokenizer(cfg: TrainConfig, proc: DistInfo, path: Path) -> MultiS
         return load_trained_tokenizer(path, proc.device)[0]
     # Its architecture is read from the file's shapes: VAR's release gives exactly tokenizer.py's
     # "var256" (tests/test_golden.py), and a smaller file in VAR's format works the same way.
-    model = load_var_checkpoint(cfg.vae_ckpt, patch_nums=tokenizer_config("var256").patch_nums).to(proc.device)
+    var_scales = tokenizer_config("var256").patch_nums
+    model = load_var_checkpoint(cfg.vae_ckpt, patch_nums=var_scales).to(proc.device)
     if proc.is_main:
         print(f"stage 1: imported VAR's tokenizer from {cfg.vae_ckpt}")
         report_tokenizer_eval(eval_tokenizer(model, load_dataset(cfg, "test"), cfg.tok_batch,
@@ -375,8 +377,9 @@ def eval_tokenizer(model: MultiScaleVQVAE, ds, batch: int, limit: int, device) -
 # ============================================================================================
 # The generator never sees pixels: it learns from the K token maps of every image. Encoding
 # them once, instead of at every step as VAR's trainer does, takes the tokenizer's encoder out of
-# every step of stage 2 (the price: one fixed crop per image, see SCALING_UP.md). With --hflip the mirrored image is encoded too (its tokens are not a mirror of the
-# tokens: the residual quantizer is not mirror-symmetric), and training picks one of the two.
+# every step of stage 2 (the price: one fixed crop per image, see SCALING_UP.md). With --hflip
+# the mirrored image is encoded too (its tokens are not a mirror of the tokens: the residual
+# quantizer is not mirror-symmetric), and training picks one of the two.
 
 @torch.no_grad()
 def encode_images(tokenizer: MultiScaleVQVAE, ds, indices, batch: int, device, flip: bool,
