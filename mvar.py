@@ -34,7 +34,7 @@ there is H, the heads), except L, which stays L there so as not to read as l:
 Indices: k a scale, i and j token positions (i receives, j sends), h a head (A_h, D_h), m a chunk,
 t a step of the loop. Three letters keep a second meaning, listed here: attention's q, k, v
 (queries, keys, values: tensors, so k is never an index there); h, w, tokenizer.py's latent height
-and width (never used so in this file); and M, here the SSM's (L, L) matrix (ssd_attention_matrix,
+and width (used here only for f_hat's shape, (B, Cvae, h, w)); and M, here the SSM's (L, L) matrix (ssd_attention_matrix,
 the Mamba-2 paper's name), in tokenizer.py a count of vectors. The SSM's matrices, A B C D in the
 Mamba-2 paper, are A, Bm, Cm, D here, also inside names (CmBm, Bm_c), so that B and C stay sizes.
 A block's residual lines are numbered from 0 in the code (Block.ATTN_LINE = 0, MAMBA_LINE = 1,

@@ -833,7 +833,7 @@ def sample_parser(description: str) -> argparse.ArgumentParser:
     add("--more_smooth", action="store_true", help="gumbel-softmax codes: smoother pictures, not for FID")
     add("--seed", type=int, default=0, help="default 0")
     add("--strip", action="store_true", help="also the coarse-to-fine strip: row = class, column = scale")
-    add("--npz", type=int, default=0, metavar="N", help="write N samples as .npz for FID instead of a grid")
+    add("--npz", type=int, default=0, metavar="COUNT", help="write COUNT samples as .npz for FID instead of a grid")
     add = p.add_argument_group("how").add_argument
     add("--batch", type=int, default=64, help="images per forward pass (default 64)")
     add("--out", default="", help="a folder or a .png / .npz name (default: the run's; samples/)")

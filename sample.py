@@ -11,11 +11,11 @@ file batches that call, seeds it, and writes what you look at or measure:
     python sample.py --ckpt RUN/mvar.pt --npz 10000 --batch 250    # FID input, classes balanced
     python sample.py --official mvar_d16.pth --vae_ckpt vae_ch160v4096z32.pth   # released weights
 
-  <arch>_grid.png   one column per class, --per_class rows (row r: sample r of every class);
+  <arch>_grid.png   one column per class, --per_class rows (each row: one sample of every class);
   <arch>_strip.png  (--strip) one row per class -- the grid's first sample -- and one column
                     per scale: the picture decoded after scales 0..k, so you see it sharpen;
-  <arch>_N.npz      (--npz N) the ImageNet FID evaluator's layout: arr_0 uint8 (n, S, S, 3),
-                    arr_1 the classes; sample i has class classes[i % #classes].
+  <arch>_n.npz      (--npz n) the ImageNet FID evaluator's layout: arr_0 uint8 (n, S, S, 3),
+                    arr_1 the classes, taken in turn (the classes list repeated).
 They go to --out (a folder, or a .png / .npz name). With neither --ckpt nor --official it samples
 the trained Fashion-MNIST models that come with the repository (weights/fashion-mnist/: M-VAR,
 or VAR with --arch var) into samples/. The sampling setting defaults to the checkpoint's (for
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         paths["npz"].parent.mkdir(parents=True, exist_ok=True)
         np.savez(paths["npz"], arr_0=to_uint8_nhw3(images), arr_1=labels.numpy().astype(np.int64))
         result["npz"] = paths["npz"]
-    else:           # row r of the grid holds sample r of every class
+    else:           # each row of the grid holds one sample of every class
         labels = torch.tensor(classes).repeat(args.per_class)
         images, per_scale, seconds = sample_images(model, tok, labels, **run, strip=args.strip, desc="grid")
         names = [class_names[c] if c < len(class_names) else str(c) for c in classes]

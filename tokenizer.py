@@ -28,8 +28,9 @@ keys are k, and M is its SSM matrix):
     B     batch
     Cimg  image channels (1 grey, 3 RGB; cfg.in_channels)
     S     image side: images are S x S (cfg.image_size)
-    h, w  height, width of the latent: S / 2**(len(ch_mult) - 1) (cfg.latent_size), h == w
-    ch    channels of a feature map inside the conv autoencoder (cfg.ch * cfg.ch_mult[i])
+    h, w  height, width of a feature map: the latent's, S / 2**(len(ch_mult) - 1) (cfg.latent_size,
+          h == w), once encoded
+    ch    channels of a feature map inside the conv autoencoder (cfg.ch * cfg.ch_mult[level])
     Cvae  latent channels = codebook vector size (cfg.z_channels; VAR: 32)
     V     codebook size (cfg.vocab_size; VAR: 4096)
     K     number of scales = len(cfg.patch_nums) (VAR: 10);  k  a scale index, 0..K-1
@@ -230,12 +231,12 @@ class MultiScaleQuantizer(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        K, n = len(cfg.patch_nums), cfg.share_quant_resi
+        K, n_phi = len(cfg.patch_nums), cfg.share_quant_resi
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
         self.quant_resi = nn.ModuleDict({"qresi_ls": nn.ModuleList([Phi(cfg.z_channels, cfg.quant_resi)
-                                                                    for _ in range(n)])})
+                                                                    for _ in range(n_phi)])})
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(K, cfg.vocab_size))
-        self.phi_of_scale = [phi_index(k, K, n) for k in range(K)]   # e.g. [0,0,1,1,1,2,2,3,3,3]
+        self.phi_of_scale = [phi_index(k, K, n_phi) for k in range(K)]   # e.g. [0,0,1,1,1,2,2,3,3,3]
 
     def phi(self, k: int) -> Phi:
         """The phi conv used by scale k."""
@@ -278,7 +279,7 @@ class MultiScaleVQVAE(nn.Module):
     def embed_scale(self, idx_Bl: torch.Tensor, k: int) -> torch.Tensor:
         """z_k = lookup(Z, r_k), scale k's codes as a map: (B, pn_k^2) -> (B, Cvae, pn_k, pn_k).
         No upsampling, no phi: this is what a sampler gets from the codes it just drew.
-        Token t sits at row t // pn, column t % pn (row-major), in the generator's order too."""
+        Token i sits at row i // pn, column i % pn (row-major), in the generator's order too."""
         pn = self.cfg.patch_nums[k]
         return rearrange(self.quantize.embedding(idx_Bl), "b (row col) cvae -> b cvae row col", row=pn)
 
@@ -489,8 +490,8 @@ class MultiScaleVQVAE(nn.Module):
         codebook = self.quantize.embedding.weight.data
         codebook[dead] = new.to(codebook.dtype)
         ema[:, dead] = 2 * threshold / K
-        for t in (codebook, ema) if dist.is_available() and dist.is_initialized() else ():
-            dist.broadcast(t, src=0)
+        for shared in (codebook, ema) if dist.is_available() and dist.is_initialized() else ():
+            dist.broadcast(shared, src=0)
         return dead.numel()
 
 
@@ -556,16 +557,16 @@ class Level(nn.Module):
     def __init__(self, c_in: int, c_out: int, n_blocks: int, dropout: float, attn: bool, resample=None):
         super().__init__()
         self.block, self.attn, self.resample = nn.ModuleList(), nn.ModuleList(), resample
-        for j in range(n_blocks):
-            self.block.append(ResnetBlock(c_in if j == 0 else c_out, c_out, dropout))
+        for number in range(n_blocks):
+            self.block.append(ResnetBlock(c_in if number == 0 else c_out, c_out, dropout))
             if attn:
                 self.attn.append(AttnBlock(c_out))
         if resample:
             setattr(self, resample, resample2x(c_out, down=resample == "downsample"))
 
     def forward(self, x):
-        for j, block in enumerate(self.block):
-            x = self.attn[j](block(x)) if len(self.attn) else block(x)
+        for number, block in enumerate(self.block):
+            x = self.attn[number](block(x)) if len(self.attn) else block(x)
         return getattr(self, self.resample)(x) if self.resample else x
 
 
@@ -581,10 +582,12 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        last, chs = len(cfg.ch_mult) - 1, [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]  # conv_in's, level i's
+        # chs: conv_in's channels, then each level's
+        last, chs = len(cfg.ch_mult) - 1, [cfg.ch] + [cfg.ch * mult for mult in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.down = nn.Sequential(*[Level(chs[i], chs[i + 1], cfg.num_res_blocks, cfg.dropout, attn=i == last,
-                                    resample="downsample" if i < last else None) for i in range(last + 1)])
+        self.down = nn.Sequential(*[Level(chs[level], chs[level + 1], cfg.num_res_blocks, cfg.dropout,
+                                          attn=level == last, resample="downsample" if level < last else None)
+                                    for level in range(last + 1)])
         self.mid = middle(chs[-1], cfg.dropout)
         self.norm_out, self.conv_out = group_norm(chs[-1]), nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
 
@@ -594,17 +597,18 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """(B, Cvae, h, w) latent -> (B, Cimg, S, S) image, unbounded (callers clamp to [-1, 1]). The
-    encoder's mirror with num_res_blocks + 1 blocks per level; up[i] works at level i's resolution
-    and runs first for the last i (VAR builds the levels in that order too)."""
+    encoder's mirror with num_res_blocks + 1 blocks per level; up[level] works at that level's
+    resolution and the last level runs first (VAR builds the levels in that order too)."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        n, chs = len(cfg.ch_mult), [cfg.ch * m for m in cfg.ch_mult]
+        levels, chs = len(cfg.ch_mult), [cfg.ch * mult for mult in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
         self.mid = middle(chs[-1], cfg.dropout)
-        up = [Level(chs[min(i + 1, n - 1)], chs[i], cfg.num_res_blocks + 1, cfg.dropout, attn=i == n - 1,
-                    resample="upsample" if i != 0 else None) for i in reversed(range(n))]   # VAR's order
-        self.up = nn.ModuleList(up[::-1])                        # but stored so that up[i] is level i
+        up = [Level(chs[min(level + 1, levels - 1)], chs[level], cfg.num_res_blocks + 1, cfg.dropout,
+                    attn=level == levels - 1, resample="upsample" if level != 0 else None)
+              for level in reversed(range(levels))]                          # VAR's order
+        self.up = nn.ModuleList(up[::-1])                        # but stored so that up[level] is that level
         self.norm_out, self.conv_out = group_norm(chs[0]), nn.Conv2d(chs[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, z):

@@ -25,8 +25,8 @@ The three ideas of this chapter:
     inside a scale, a causal Mamba across scales), and that input is built from r_<k alone, so
     each prediction sees exactly what sampling will give it -- with the difference that in
     sampling r_<k are the model's own draws (notebook 02 checks the logits agree).
-  * The schedule (VAR's trainer, which M-VAR's official README says it keeps: "the
-    hyperparameters of training are the same as VAR"): AdamW with betas (0.9, 0.95), a peak
+  * The schedule (VAR's trainer, which M-VAR's official README says it keeps: "The
+    hyperparameters of training are same as that in VAR."): AdamW with betas (0.9, 0.95), a peak
     learning rate that grows with the batch (1e-4 per 256 images), a short linear warm-up
     (AdamW's early steps rest on noisy moment estimates), then a linear decay; weight decay only
     on weight matrices.
@@ -153,7 +153,7 @@ class TrainConfig:
     weight_decay: float = option(0.05, "AdamW weight decay of the weight matrices (see NO_DECAY_KEYS)")
     weight_decay_end: float = option(0.05, "weight decay at the end (cosine from weight_decay; VAR's twde)")
     grad_clip: float = option(2.0, "gradient-norm clip, both stages")
-    alng: float = option(1e-3, "AdaLN gate init scale (VAR: 1e-3 for d12-d20, 1e-4 d24, 1e-5 d30)")
+    alng: float = option(1e-3, "AdaLN gate init scale (VAR's commands: 1e-3 d16-d20, 1e-4 d24, 1e-5 d30)")
     drop_path: float = option(-1.0, "max drop-path rate (-1 = 0.1*depth/24, the VAR rule)")
     cond_drop: float = option(0.1, "probability of replacing the class by the null class (for CFG)")
     guidance: float = option(1.5, "classifier-free guidance for the sample grids")
@@ -164,8 +164,8 @@ class TrainConfig:
 
 # Presets change only what differs from the defaults above ("tiny": 16 px shapes, 4x4 latents,
 # a depth-4 width-128 generator, both stages in minutes on a CPU). The ImageNet ones
-# are VAR's / M-VAR's released training commands (M-VAR: "the hyperparameters of training are
-# the same as VAR"), warm-up ep/50 (VAR's default); each preset lists what its command sets.
+# are VAR's / M-VAR's released training commands (M-VAR's README: "The hyperparameters of
+# training are same as that in VAR."), warm-up ep/50 (VAR's default); each preset lists what its command sets.
 # How the fashion-mnist values were chosen: benchmarks/RESULTS.md, "The recipe, and where its
 # numbers come from".
 _IMAGENET = dict(dataset="folder", image_size=256, tok_preset="var256", patch_nums=(), width=0, num_heads=0,
@@ -224,8 +224,8 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float, end_ratio: flo
 def wd_at(step: int, total: int, wd: float, wd_end: float) -> float:
     """Weight decay from wd to wd_end along a half cosine (VAR's --twde; its d30 command raises it
     from 0.05 to 0.08, every other preset keeps it constant)."""
-    t = min(1.0, step / max(1, total - 1))
-    return wd_end + (wd - wd_end) * 0.5 * (1 + math.cos(math.pi * t))
+    progress = min(1.0, step / max(1, total - 1))
+    return wd_end + (wd - wd_end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def set_schedule(opt, step: int, total: int, peak_lr: float, cfg: TrainConfig) -> float:
@@ -462,14 +462,14 @@ def train_generator(cfg: TrainConfig, proc: DistInfo, tokenizer: MultiScaleVQVAE
         lr = set_schedule(opt, step, total, peak_lr, cfg)
         idx_BL, labels = idx_BL.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
         loss_sum, acc_sum = 0.0, 0.0
-        for j in range(cfg.grad_accum):                # gradient accumulation over micro-batches
-            part = slice(j * micro, (j + 1) * micro)
+        for micro_step in range(cfg.grad_accum):       # gradient accumulation over micro-batches
+            part = slice(micro_step * micro, (micro_step + 1) * micro)
             idx_list = split_scales(idx_BL[part], pns)                    # K maps (B, pn_k^2)
             # Teacher forcing: scale k's input is built from the *true* maps of scales < k, so all
             # K predictions p(r_k | r_<k) are made and scored in this one pass (VAR §3).
             with torch.no_grad():
                 teacher = tokenizer.idx_to_teacher_input(idx_list)        # (B, L - pn_0^2, Cvae)
-            with grad_sync(net, proc, last=j == cfg.grad_accum - 1):        # DDP: all-reduce at the last
+            with grad_sync(net, proc, last=micro_step == cfg.grad_accum - 1):   # DDP: all-reduce at the last
                 with autocast(proc.device, amp_dtype):
                     logits = net(labels[part], teacher)                   # (B, L, V)
                 loss, acc = compute_loss(logits, idx_list)   # cross-entropy over all L tokens

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-pytestmark = pytest.mark.notebooks   # ~90 s in all: `pytest -m notebooks` (pytest.ini)
+pytestmark = pytest.mark.notebooks   # 2:22 in all: `pytest -m notebooks` (pytest.ini)
 
 
 def test_there_are_notebooks():
