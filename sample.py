@@ -44,8 +44,8 @@ guidance doubles the work; guidance 0 runs B rows.
 Paper -> code
   VAR (arXiv 2404.02905) §3, next-scale prediction at inference: scale k is drawn from
       p(r_k | class, r_1..r_k-1), all of its tokens in parallel ........ MVAR.sample_tokens
-  M-VAR (arXiv 2411.10433): the same sampler; between scales each block carries Mamba's state
-      instead of re-reading the prefix ............................... Block.forward_one_scale
+  M-VAR (arXiv 2411.10433): the same sampler (its official code re-runs Mamba over the prefix
+      at every scale); here each block carries Mamba's state instead .... Block.forward_one_scale
   classifier-free guidance (Ho & Salimans, arXiv 2207.12598) with the strength ramped linearly
       over the scales, as VAR's and M-VAR's code do ................. --guidance, sample_tokens
   top-k / top-p (nucleus) sampling (Holtzman et al., arXiv 1904.09751) . --top_k, --top_p,
